@@ -1,0 +1,306 @@
+"""Model configuration, read from a published root `config.json` (spec §1).
+
+Field names are the Hugging Face keys of the published file, so the file, the
+spec and this class can be read side by side. Runtime choices that are not
+model properties (activation dtype, quantisation-aware simulation, keeping the
+weights quantised on device, rematerialisation) are separate fields with
+defaults and never appear in `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value that v4jax cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN frequency interpolation, applied to layers with compress ratio > 0 (spec §2.3)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+
+
+# Keys of the published file that carry no information the math needs; each one
+# is either ignored (identity, bookkeeping) or pinned to the only value the
+# architecture supports.
+_IGNORED_KEYS = frozenset({
+    "architectures", "model_type", "torch_dtype", "initializer_range", "use_cache",
+    "transformers_version", "bos_token_id", "eos_token_id", "attention_dropout",
+    "max_position_embeddings",
+})
+_PINNED_KEYS = {
+    "num_key_value_heads": 1,  # single shared K = V head (MQA)
+    "n_shared_experts": 1,
+    "scoring_func": "sqrtsoftplus",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    sliding_window: int
+    compress_ratios: tuple[int, ...]
+    compress_rope_theta: float
+    rope_theta: float
+    rope_scaling: RopeScaling
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    routed_scaling_factor: float
+    num_hash_layers: int
+    swiglu_limit: float
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    rms_norm_eps: float
+    num_nextn_predict_layers: int
+    # "fp4": routed experts packed E2M1 with 1x32 scales; "fp8": E4M3 with 128x128 scales (Base).
+    expert_dtype: str = "fp4"
+    # "ue8m0": block scales stored as F8_E8M0 bytes; None: stored as float32 values (Base).
+    scale_fmt: str | None = "ue8m0"
+
+    # ---- runtime choices (not in config.json) ----
+    dtype: str = "bfloat16"  # activations and dequantised weights at rest
+    quant_sim: bool = True  # FP8 act quant, FP8 KV and FP4 indexer fake-quant (spec §2.13)
+    quantized: bool = False  # keep FP8/FP4 codes + scales as parameters
+    remat: bool = False  # rematerialise each scanned block in the backward pass
+
+    _REQUIRED = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+        "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+        "compress_ratios", "compress_rope_theta", "rope_theta", "rope_scaling", "index_n_heads",
+        "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok",
+        "moe_intermediate_size", "routed_scaling_factor", "num_hash_layers", "swiglu_limit",
+        "hc_mult", "hc_sinkhorn_iters", "hc_eps", "rms_norm_eps", "num_nextn_predict_layers",
+    )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_json(cls, path: str | Path, **runtime: Any) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        return cls.from_dict(raw, source=str(path), **runtime)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", **runtime: Any) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a JSON object")
+        fields = {}
+        for key, value in raw.items():
+            if key in _IGNORED_KEYS:
+                continue
+            if key in _PINNED_KEYS:
+                if value != _PINNED_KEYS[key]:
+                    raise ConfigError(f"{source}: key {key!r} = {value!r}; only {_PINNED_KEYS[key]!r} is supported")
+                continue
+            if key == "quantization_config":
+                fields["scale_fmt"] = _scale_fmt(value, source)
+            elif key == "rope_scaling":
+                fields[key] = _rope_scaling(value, source)
+            elif key == "compress_ratios":
+                if not isinstance(value, list) or not all(isinstance(r, int) for r in value):
+                    raise ConfigError(f"{source}: key 'compress_ratios' must be a list of ints")
+                fields[key] = tuple(value)
+            elif key in cls._REQUIRED or key == "expert_dtype":
+                fields[key] = value
+            else:
+                raise ConfigError(f"{source}: unknown key {key!r} (not a DeepSeek-V4 config field)")
+        missing = [k for k in cls._REQUIRED if k not in fields]
+        if missing:
+            raise ConfigError(f"{source}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
+        bad_runtime = set(runtime) - {"dtype", "quant_sim", "quantized", "remat"}
+        if bad_runtime:
+            raise ConfigError(f"unknown runtime option {sorted(bad_runtime)[0]!r}")
+        cfg = cls(**fields, **runtime)
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The published root-config form (round-trips through `from_dict`)."""
+        out = {k: getattr(self, k) for k in self._REQUIRED}
+        out["compress_ratios"] = list(self.compress_ratios)
+        out["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+        out["expert_dtype"] = self.expert_dtype
+        quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                 "weight_block_size": [128, 128]}
+        if self.scale_fmt:
+            quant["scale_fmt"] = self.scale_fmt
+        out["quantization_config"] = quant
+        out.update(_PINNED_KEYS)
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate("replace()")
+        return cfg
+
+    def validate(self, source: str) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: key {key!r} = {getattr(self, key)!r}: {why}")
+
+        for key in self._REQUIRED:
+            value = getattr(self, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                need(value >= 0, key, "must be non-negative")
+        need(self.qk_rope_head_dim % 2 == 0 and 0 < self.qk_rope_head_dim < self.head_dim,
+             "qk_rope_head_dim", "must be even and smaller than head_dim")
+        need(self.qk_rope_head_dim < self.index_head_dim, "index_head_dim", "must exceed qk_rope_head_dim")
+        need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
+             "index_head_dim", "must be a power of two and a multiple of 32 (Hadamard, FP4 blocks)")
+        need((self.head_dim - self.qk_rope_head_dim) % 64 == 0, "head_dim",
+             "non-RoPE dims must be a multiple of 64 (FP8 KV blocks)")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups", "must divide num_attention_heads")
+        need(0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             "must be in 1..n_routed_experts")
+        need(self.moe_intermediate_size % 32 == 0 and self.hidden_size % 32 == 0, "moe_intermediate_size",
+             "expert dims must be multiples of 32 (FP4 scale groups)")
+        need(self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers", "exceeds num_hidden_layers")
+        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "only 0 or 1 MTP block")
+        need(len(self.compress_ratios) == self.num_hidden_layers + self.num_nextn_predict_layers,
+             "compress_ratios", "needs one entry per layer plus one per MTP block")
+        need(all(r == 0 or r >= 2 for r in self.compress_ratios), "compress_ratios", "ratios are 0 or >= 2")
+        need(self.sliding_window > 0, "sliding_window", "must be positive")
+        need(self.index_topk > 0, "index_topk", "must be positive")
+        need(self.hc_mult >= 1 and self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
+        need(self.expert_dtype in ("fp4", "fp8"), "expert_dtype", "must be 'fp4' or 'fp8'")
+        need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def rope_nope_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def scale_dtype(self) -> str:
+        """Safetensors dtype of FP8 block scales in the published files (spec §3.4, §3.9)."""
+        return "F8_E8M0" if self.scale_fmt == "ue8m0" else "F32"
+
+    @functools.cached_property
+    def layer_plan(self) -> tuple["Segment", ...]:
+        """The main layers cut into scan segments of a repeated unit of 1 or 2 kinds.
+
+        The cut minimises the number of distinct blocks traced (Flash: [swa-hash] x2,
+        [csa-hash] x1, [hca, csa] x20; Pro: [hca-hash] x2, [csa-hash] x1, [hca, csa] x29).
+        """
+        return _layer_plan(self)
+
+    def layer_kind(self, layer: int) -> "LayerKind":
+        """Structure of block `layer`; `layer == n_layers` is the MTP block (spec §1.3)."""
+        return LayerKind(ratio=self.compress_ratios[layer], hash_routed=layer < self.num_hash_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What distinguishes one block's structure from another's."""
+
+    ratio: int  # 0: window only; 4: CSA (overlap compressor + indexer); other: HCA
+    hash_routed: bool
+
+    @property
+    def overlap(self) -> bool:
+        return self.ratio == 4
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.ratio == 4
+
+    def short(self) -> str:
+        name = {0: "swa", 4: "csa"}.get(self.ratio, f"hca{self.ratio}")
+        return name + ("-hash" if self.hash_routed else "")
+
+
+def _scale_fmt(quant: Any, source: str) -> str | None:
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: key 'quantization_config' must be an object")
+    if quant.get("quant_method", "fp8") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{source}: key 'quantization_config' describes {quant}; only fp8 e4m3 is supported")
+    if list(quant.get("weight_block_size", [128, 128])) != [128, 128]:
+        raise ConfigError(f"{source}: key 'quantization_config.weight_block_size' must be [128, 128]")
+    fmt = quant.get("scale_fmt")
+    if fmt not in (None, "ue8m0"):
+        raise ConfigError(f"{source}: key 'quantization_config.scale_fmt' = {fmt!r}; expected 'ue8m0' or absent")
+    return fmt
+
+
+def _rope_scaling(value: Any, source: str) -> RopeScaling:
+    if not isinstance(value, dict) or value.get("type", value.get("rope_type")) != "yarn":
+        raise ConfigError(f"{source}: key 'rope_scaling' must be a YaRN object, got {value!r}")
+    try:
+        scaling = RopeScaling(
+            factor=float(value["factor"]),
+            original_max_position_embeddings=int(value["original_max_position_embeddings"]),
+            beta_fast=float(value["beta_fast"]),
+            beta_slow=float(value["beta_slow"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{source}: key 'rope_scaling' is missing {e.args[0]!r}") from e
+    if not (scaling.factor >= 1 and math.isfinite(scaling.factor)):
+        raise ConfigError(f"{source}: key 'rope_scaling.factor' must be >= 1")
+    return scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Layers first .. first + reps*len(unit) - 1, a unit of kinds repeated `reps` times."""
+
+    first: int
+    unit: tuple[LayerKind, ...]
+    reps: int
+
+    def layer(self, rep: int, u: int) -> int:
+        return self.first + rep * len(self.unit) + u
+
+
+def _layer_plan(cfg: ModelConfig) -> tuple[Segment, ...]:
+    kinds = [cfg.layer_kind(i) for i in range(cfg.num_hidden_layers)]
+    n = len(kinds)
+    best: list[tuple[int, tuple[Segment, ...]]] = [(0, ())] + [(1 << 30, ())] * n  # best[i]: layers < i
+    for end in range(1, n + 1):
+        for p in (1, 2):
+            for reps in range(1, end // p + 1):
+                first = end - reps * p
+                unit = tuple(kinds[first:first + p])
+                if tuple(kinds[first:end]) != unit * reps:
+                    break
+                cost = best[first][0] + p
+                if cost < best[end][0]:
+                    best[end] = (cost, best[first][1] + (Segment(first, unit, reps),))
+    return best[n][1]

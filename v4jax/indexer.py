@@ -1,0 +1,67 @@
+"""Lightning indexer (spec §2.6): picks, per query, the top-k compressed entries of a CSA layer.
+
+Scores I(t, i) = Σ_h w_h · ReLU(q_h · k_i) over H_I small heads; the indexer has
+its own overlapping compressor (entry width index_head_dim) whose keys share the
+entry numbering of the main compressed cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax import quant
+from v4jax.compressor import Compressor
+from v4jax.config import ModelConfig
+from v4jax.linear import Linear
+from v4jax.rope import apply_rope
+
+
+def indexer_scores(q, k, w):
+    """q: [batch, Tq, H_I, d_I], k: [batch, N, d_I], w: [batch, Tq, H_I] -> [batch, Tq, N] float32."""
+    dots = jnp.einsum("bqhd,bnd->bqhn", q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqh,bqhn->bqn", w.astype(jnp.float32), jax.nn.relu(dots))
+
+
+def select_topk(scores, visible, k: int):
+    """Indices of the k best visible entries per query, and which of the k slots are real.
+
+    scores, visible: [batch, Tq, N]. With fewer than k visible entries the extra
+    slots are marked invalid (the reference's -1 slots).
+    """
+    k = min(k, scores.shape[-1])
+    best, idx = jax.lax.top_k(jnp.where(visible, scores, -jnp.inf), k)
+    return idx, best > -jnp.inf
+
+
+def rotate_and_quantize(x, enabled: bool):
+    """Hadamard rotation + FP4 fake-quant of indexer queries/keys; the rotation
+    preserves dot products, so it only matters together with the rounding."""
+    if not enabled:
+        return x
+    h = jnp.asarray(quant.hadamard(x.shape[-1]))
+    rotated = jnp.einsum("...d,de->...e", x.astype(jnp.float32), h).astype(x.dtype)
+    return quant.fake_quant_fp4(rotated)
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.topk, self.quant_sim = cfg.index_topk, cfg.quant_sim
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, cfg, rngs, ("index_heads", "q_lora"),
+                           fp8=True)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, cfg, rngs, ("index_heads", "embed"), fp8=False)
+        self.compressor = Compressor(cfg, 4, self.head_dim, rngs)
+
+    def keys(self, entries):
+        """Post-process indexer compressor entries into cached keys."""
+        return rotate_and_quantize(entries, self.quant_sim)
+
+    def queries(self, x, q_lat, positions, inv_freq):
+        """-> q: [batch, T, H_I, d_I], head weights: [batch, T, H_I] float32."""
+        b, t, _ = x.shape
+        q = self.wq_b(q_lat).reshape(b, t, self.n_heads, self.head_dim)
+        q = rotate_and_quantize(apply_rope(q, positions[..., None], inv_freq), self.quant_sim)
+        w = self.weights_proj(x).astype(jnp.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        return q, w

@@ -1,0 +1,54 @@
+"""Linear layers in the published orientation: y = x Wᵀ with W: [out, in].
+
+Keeping [out, in] makes the FP8 weight blocks line up with their [out/128, in/128]
+scales and makes conversion and export pure renames (spec §5.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax import quant
+from v4jax.config import ModelConfig
+from v4jax.params import Quantized, normal, param
+
+
+def matmul_t(x, w, out_dtype):
+    """x: [..., in], w: [out, in] -> [..., out]; float32 accumulation as the reference GEMMs."""
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+class Linear(nnx.Module):
+    """A linear layer; `fp8=True` marks the ones the published checkpoint stores in FP8.
+
+    Those quantise their input activation to FP8 in blocks of 128 when the
+    quantisation-aware simulation is on (spec §2.0) and, with `cfg.quantized`, keep
+    E4M3 codes + block scales as parameters and dequantise inside the matmul.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: ModelConfig, rngs: nnx.Rngs,
+                 axes: tuple[str | None, str | None], *, fp8: bool, dtype=None):
+        dtype = dtype or cfg.dtype
+        self.act_quant = fp8 and cfg.quant_sim
+        if fp8 and cfg.quantized:
+            # Random codes of unit scale times one power-of-two block scale: valid FP8
+            # data for a freshly built model (real weights come from a checkpoint).
+            self.weight = param(normal(rngs, (out_dim, in_dim), 1.0, jnp.float8_e4m3fn), axes, Quantized)
+            blocks = (-(-out_dim // quant.FP8_BLOCK), -(-in_dim // quant.FP8_BLOCK))
+            self.scale = param(jnp.full(blocks, 2.0 ** -round(math.log2(in_dim) / 2), jnp.float32), axes, Quantized)
+        else:
+            self.weight = param(normal(rngs, (out_dim, in_dim), in_dim**-0.5, dtype), axes)
+
+    def kernel(self, dtype):
+        """The [out, in] weight in `dtype`, dequantised if it is kept quantised."""
+        if hasattr(self, "scale"):
+            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, x, out_dtype=None):
+        if self.act_quant:
+            x = quant.fake_quant_fp8(x, quant.FP8_BLOCK)
+        return matmul_t(x, self.kernel(x.dtype), out_dtype or x.dtype)

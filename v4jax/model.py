@@ -1,0 +1,186 @@
+"""Block, scanned layer stacks, the MTP block and the whole Transformer (spec §2.1, §2.7b, §2.11, §2.12).
+
+Layers of the same structure are stacked and run with `jax.lax.scan`, so compile
+time is nearly flat in depth; `ModelConfig.layer_plan` says which layers share a stack.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.attention import Attention
+from v4jax.cache import init_cache
+from v4jax.config import LayerKind, ModelConfig
+from v4jax.hyper_connections import hc_head, hc_post, hc_pre
+from v4jax.linear import Linear
+from v4jax.moe import MoE
+from v4jax.norms import RMSNorm
+from v4jax.params import normal, param
+from v4jax.sharding import constrain
+
+
+class Block(nnx.Module):
+    """One transformer block: mHC around attention, mHC around the MoE."""
+
+    def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, dim = cfg.hc_mult, cfg.hidden_size
+        rows = (2 + n) * n
+        for side in ("attn", "ffn"):
+            setattr(self, f"hc_{side}_fn", param(normal(rngs, (rows, n * dim), 0.02, jnp.float32), (None, None)))
+            setattr(self, f"hc_{side}_base", param(jnp.zeros((rows,), jnp.float32), (None,)))
+            setattr(self, f"hc_{side}_scale", param(jnp.ones((3,), jnp.float32), (None,)))
+        self.attn_norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        self.attn = Attention(cfg, kind.ratio, rngs)
+        self.ffn_norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        self.ffn = MoE(cfg, kind, rngs)
+
+    def _hc(self, side: str, x):
+        cfg = self.cfg
+        return hc_pre(x, getattr(self, f"hc_{side}_fn")[...], getattr(self, f"hc_{side}_base")[...],
+                      getattr(self, f"hc_{side}_scale")[...], iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                      norm_eps=cfg.rms_norm_eps)
+
+    def __call__(self, x, token_ids, cache: dict, start, lengths):
+        """x: [batch, T, n_hc, dim] -> (same, updated cache)."""
+        y, post, comb = self._hc("attn", x)
+        a, cache = self.attn(self.attn_norm(y), cache, start, lengths)
+        x = hc_post(a, x, post, comb)
+        y, post, comb = self._hc("ffn", x)
+        x = hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
+        return constrain(x, ("batch", "seq", None, "embed")), cache
+
+
+def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs) -> Block:
+    """`reps` blocks of one kind with every parameter stacked along a leading axis."""
+
+    @nnx.split_rngs(splits=reps)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, kind, r)
+
+    return make(rngs)
+
+
+class HeadCollapse(nnx.Module):
+    """Owner of an hc_head_* triple (main model and MTP block each have one)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        n, dim = cfg.hc_mult, cfg.hidden_size
+        self.hc_head_fn = param(normal(rngs, (n, n * dim), 0.02, jnp.float32), (None, None))
+        self.hc_head_base = param(jnp.zeros((n,), jnp.float32), (None,))
+        self.hc_head_scale = param(jnp.ones((1,), jnp.float32), (None,))
+
+
+def collapse_and_project(owner, norm: RMSNorm, head_weight, x, cfg: ModelConfig):
+    """Streams [batch, T, n, dim] -> float32 logits [batch, T, vocab] (head applied in float32)."""
+    h = hc_head(x, owner.hc_head_fn[...], owner.hc_head_base[...], owner.hc_head_scale[...],
+                hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
+    h = norm(h).astype(jnp.float32)
+    return constrain(jnp.einsum("btd,vd->btv", h, head_weight.astype(jnp.float32)), ("batch", "seq", "vocab"))
+
+
+class MTPBlock(Block):
+    """Multi-token prediction (spec §2.12): a window-only block fed by the main streams and the next token."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, cfg.layer_kind(cfg.num_hidden_layers), rngs)
+        dim = cfg.hidden_size
+        self.e_proj = Linear(dim, dim, cfg, rngs, ("embed", None), fp8=True)
+        self.h_proj = Linear(dim, dim, cfg, rngs, ("embed", None), fp8=True)
+        self.enorm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        self.hnorm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        head = HeadCollapse(cfg, rngs)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = head.hc_head_fn, head.hc_head_base, head.hc_head_scale
+
+    def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths):
+        """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1)."""
+        x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
+        x, cache = self(x, next_ids, cache, start, lengths)
+        return collapse_and_project(self, self.norm, head_weight, x, self.cfg), cache
+
+
+class Table(nnx.Module):
+    """A [vocab, dim] matrix: the input embedding or the LM head."""
+
+    def __init__(self, cfg: ModelConfig, std: float, rngs: nnx.Rngs):
+        self.weight = param(normal(rngs, (cfg.vocab_size, cfg.hidden_size), std, cfg.dtype), ("vocab", "embed"))
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V4: `model(ids)` gives logits; `model.forward` adds MTP logits and the decode state."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dim = cfg.hidden_size
+        self.embed = Table(cfg, 1.0, rngs)
+        self.layers = nnx.List([
+            nnx.List([stacked_blocks(cfg, kind, seg.reps, rngs) for kind in seg.unit]) for seg in cfg.layer_plan])
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
+        self.head = Table(cfg, dim**-0.5, rngs)
+        head = HeadCollapse(cfg, rngs)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = head.hc_head_fn, head.hc_head_base, head.hc_head_scale
+        if cfg.num_nextn_predict_layers:
+            self.mtp = nnx.List([MTPBlock(cfg, rngs)])
+
+    def __call__(self, input_ids):
+        """input_ids: [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        return self.forward(input_ids)[0]
+
+    def fresh_state(self, batch: int, seq: int) -> dict:
+        """A decode state sized exactly for one whole-sequence forward (see v4jax.cache.init_cache)."""
+        return init_cache(self.cfg, batch, seq)
+
+    def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False):
+        """Run a chunk of tokens.
+
+        input_ids: [batch, T]; state: decode state (None: a fresh one, i.e. a whole
+        sequence from position 0); lengths: [batch] valid tokens of the chunk per
+        sequence (default T). Returns (logits [batch, T, vocab] float32, MTP logits or
+        None, new state). With mtp=True the MTP block predicts token t+2 from the
+        streams at t and embed(token t+1); the last position has no next token and
+        uses token id 0 there (its MTP logits are not meaningful).
+        """
+        cfg = self.cfg
+        b, t_len = input_ids.shape
+        state = self.fresh_state(b, t_len) if state is None else state
+        lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        start = state["pos"]
+        embed = self.embed.weight[...]
+        h = constrain(embed[input_ids], ("batch", "seq", "embed"))
+        x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
+
+        new_layers = []
+        for stack, seg_cache in zip(self.layers, state["layers"]):
+            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat)
+            new_layers.append(seg_cache)
+        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, cfg)
+        new_state = {**state, "pos": start + lengths, "layers": new_layers}
+
+        mtp_logits = None
+        if mtp:
+            next_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
+            mtp_logits, new_state["mtp"] = self.mtp[0].predict(
+                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths)
+        return logits, mtp_logits, new_state
+
+
+def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool):
+    """Scan one segment: each step runs the unit's blocks (one slice of every stacked parameter)."""
+    graphdefs, params = zip(*(nnx.split(block) for block in stack))
+
+    def body(x, slices):
+        unit_params, unit_caches = slices
+        new_caches = []
+        for graphdef, p, c in zip(graphdefs, unit_params, unit_caches):
+            x, c = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths)
+            new_caches.append(c)
+        return x, new_caches
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, new_caches = jax.lax.scan(body, x, (list(params), caches))
+    return x, new_caches

@@ -1,0 +1,29 @@
+"""RMS normalisation (spec §2.10): computed in float32, cast back to the input dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.params import param
+
+
+def rms_normalize(x, eps: float):
+    """x / RMS(x) over the last dim, in float32 (weightless: per-head q norm, mHC input)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm_w(x) = w * x / RMS(x); float32 math with the weight upcast, output in x's dtype."""
+    return (rms_normalize(x, eps) * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axes: tuple[str | None, ...]):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), dtype), axes)
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)

@@ -1,0 +1,161 @@
+"""FP8 / FP4 codecs and the quantisation-aware simulation of the reference (spec §2.0, §2.13, §3.4, §3.5).
+
+Decoders are jnp functions (they also accept numpy inputs), so the converter and
+the in-matmul dequantisation of kept-quantised weights share one implementation.
+Encoders are numpy: they run on the host when a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP4_MAX = 6.0  # largest E2M1 magnitude
+FP8_BLOCK = 128  # weight block (both dims) and activation block
+FP4_GROUP = 32  # inputs per FP4 weight scale and per FP4 fake-quant block
+KV_FP8_BLOCK = 64  # fake-quant block for the non-RoPE KV dims
+
+# E2M1 code -> value; bit 3 is the sign.
+FP4_TABLE = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+# ---------------------------------------------------------------------------- decoding
+def scale_to_f32(scale):
+    """Block scales as float32: E8M0 bytes (published) or float32 values (Base checkpoints)."""
+    scale = jnp.asarray(scale)
+    if scale.dtype == jnp.uint8:
+        scale = jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
+    return scale.astype(jnp.float32)
+
+
+def expand_blocks(scale, shape, block: tuple[int, int]):
+    """[..., ceil(o/bo), ceil(i/bi)] -> [..., o, i]; ragged trailing blocks are cut."""
+    bo, bi = block
+    out = jnp.repeat(jnp.repeat(scale, bo, axis=-2), bi, axis=-1)
+    return out[..., : shape[-2], : shape[-1]]
+
+
+def dequant_fp8(codes, scale, dtype=jnp.bfloat16):
+    """codes: [..., o, i] float8_e4m3fn, scale: [..., ceil(o/128), ceil(i/128)] -> [..., o, i] dtype.
+
+    Exact in bf16: codes carry 4 significant bits and the scale is a power of two.
+    """
+    codes = jnp.asarray(codes)
+    s = expand_blocks(scale_to_f32(scale), codes.shape, (FP8_BLOCK, FP8_BLOCK))
+    return (codes.astype(jnp.float32) * s).astype(dtype)
+
+
+def unpack_fp4(packed):
+    """packed: [..., o, i/2] int8, low nibble = even column -> [..., o, i] float32 E2M1 values."""
+    b = jnp.asarray(packed)
+    if b.dtype == jnp.int8:
+        b = jax.lax.bitcast_convert_type(b, jnp.uint8)
+    table = jnp.asarray(FP4_TABLE)
+    codes = jnp.stack([b & 0xF, b >> 4], axis=-1)  # [..., o, i/2, 2]
+    return table[codes.astype(jnp.int32)].reshape(*b.shape[:-1], b.shape[-1] * 2)
+
+
+def dequant_fp4(packed, scale, dtype=jnp.bfloat16):
+    """packed: [..., o, i/2] int8, scale: [..., o, i/32] -> [..., o, i] dtype."""
+    values = unpack_fp4(packed)
+    s = jnp.repeat(scale_to_f32(scale), FP4_GROUP, axis=-1)
+    return (values * s).astype(dtype)
+
+
+def dequant(weight, scale, dtype):
+    """Dequantise a kept-quantised weight, FP4 if it is packed int8, else FP8."""
+    if weight.dtype == jnp.int8:
+        return dequant_fp4(weight, scale, dtype)
+    return dequant_fp8(weight, scale, dtype)
+
+
+# ---------------------------------------------------------------------------- encoding (host)
+def pow2_scale(amax: np.ndarray, qmax: float, floor: float) -> np.ndarray:
+    """Smallest power of two s with amax / s <= qmax (the reference's ue8m0 rounding)."""
+    return np.exp2(np.ceil(np.log2(np.maximum(amax, floor) / qmax))).astype(np.float32)
+
+
+def _blocks(w: np.ndarray, bo: int, bi: int) -> np.ndarray:
+    """[o, i] -> [ceil(o/bo), ceil(i/bi), bo, bi] zero-padded."""
+    o, i = w.shape
+    po, pi = -o % bo, -i % bi
+    w = np.pad(w, ((0, po), (0, pi)))
+    return w.reshape(w.shape[0] // bo, bo, w.shape[1] // bi, bi).transpose(0, 2, 1, 3)
+
+
+def quantize_fp8(w: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[o, i] float -> (float8_e4m3fn codes [o, i], float32 power-of-two scales [o/128, i/128]).
+
+    With `scale` given (the scales a checkpoint was read with), values that were
+    dequantised from it encode back to the very same codes.
+    """
+    w = np.asarray(w, np.float32)
+    if scale is None:
+        amax = np.abs(_blocks(w, FP8_BLOCK, FP8_BLOCK)).max(axis=(-1, -2))
+        scale = pow2_scale(amax, FP8_MAX, 1e-4)
+    s = np.asarray(expand_blocks(np.asarray(scale, np.float32), w.shape, (FP8_BLOCK, FP8_BLOCK)))
+    codes = np.clip(w / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return codes, np.asarray(scale, np.float32)
+
+
+def quantize_fp4(w: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[o, i] float -> (packed int8 [o, i/2], float32 power-of-two scales [o, i/32])."""
+    w = np.asarray(w, np.float32)
+    o, i = w.shape
+    if scale is None:
+        amax = np.abs(w.reshape(o, i // FP4_GROUP, FP4_GROUP)).max(-1)
+        scale = pow2_scale(amax, FP4_MAX, FP4_MAX * 2.0**-126)
+    s = np.repeat(np.asarray(scale, np.float32), FP4_GROUP, axis=-1)
+    values = np.clip(w / s, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn)
+    codes = values.view(np.uint8) & 0xF  # ml_dtypes stores one E2M1 code per byte
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    return packed, np.asarray(scale, np.float32)
+
+
+def encode_e8m0(scale: np.ndarray) -> np.ndarray:
+    """float32 powers of two -> float8_e8m0fnu (exact)."""
+    return np.asarray(scale, np.float32).astype(ml_dtypes.float8_e8m0fnu)
+
+
+# ---------------------------------------------------------------------------- simulation
+def fake_quant_fp8(x, block: int):
+    """Round x to E4M3 with one power-of-two scale per `block` values of the last dim.
+
+    x: [..., n]. Used for activations entering FP8/FP4 linears (block 128) and for
+    the non-RoPE KV dims (block 64). A ragged last block (tiny test dims only) is
+    zero-padded, which leaves its amax unchanged. Returns x's dtype.
+    """
+    xb, unblock = _to_blocks(x, block)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-4) / FP8_MAX)))
+    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return unblock(q * s).astype(x.dtype)
+
+
+def fake_quant_fp4(x, block: int = FP4_GROUP):
+    """Round x to E2M1 (nearest, ties to even) with one power-of-two scale per `block` values."""
+    xb, unblock = _to_blocks(x, block)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, FP4_MAX * 2.0**-126) / FP4_MAX)))
+    q = jnp.clip(xb / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32)
+    return unblock(q * s).astype(x.dtype)
+
+
+def _to_blocks(x, block: int):
+    """[..., n] -> float32 [..., ceil(n/block), block] and the inverse reshape."""
+    n = x.shape[-1]
+    pad = -n % block
+    xb = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    xb = xb.reshape(*x.shape[:-1], (n + pad) // block, block)
+    return xb, lambda y: y.reshape(*x.shape[:-1], n + pad)[..., :n]
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Sylvester-ordered Hadamard matrix scaled by n^-1/2 (orthonormal, symmetric)."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
