@@ -1,0 +1,103 @@
+"""Fine-tuning: next-token (+ MTP) loss, an optax step over nnx.Param only, Orbax save/resume.
+
+Quantised codes, the hash table and the routing bias are not `nnx.Param`, so the
+optimiser never touches them. Rematerialisation is `cfg.remat` (each scanned block
+is recomputed in the backward pass). Optimiser state is created from the
+parameters, so it inherits their sharding: shard the model (v4jax.sharding) and
+the moments are sharded the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from v4jax.evaluate import token_logprobs
+
+
+def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
+    """Mean next-token NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL.
+
+    input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target.
+    Returns (loss, {"nll", "mtp_nll"}).
+    """
+    logits, mtp_logits, _ = model.forward(input_ids, mtp=mtp_weight > 0)
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    logp, _ = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    nll = -jnp.sum(logp * mask) / jnp.maximum(mask.sum(), 1.0)
+    metrics = {"nll": nll, "mtp_nll": jnp.zeros(())}
+    loss = nll
+    if mtp_weight > 0:
+        # MTP at position t reads token t+1 and predicts token t+2.
+        mtp_mask = loss_mask[:, 2:].astype(jnp.float32)
+        mtp_logp, _ = token_logprobs(mtp_logits[:, :-2], input_ids[:, 2:])
+        metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(mtp_mask.sum(), 1.0)
+        loss = loss + mtp_weight * metrics["mtp_nll"]
+    return loss, metrics
+
+
+def make_optimizer(model, learning_rate: float = 1e-4, weight_decay: float = 0.0, clip: float = 1.0):
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@nnx.jit(static_argnames="mtp_weight")
+def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0):
+    """One optimiser step; returns the loss metrics of the step (before the update)."""
+    grad_fn = nnx.value_and_grad(lambda m: lm_loss(m, input_ids, loss_mask, mtp_weight), has_aux=True,
+                                 argnums=nnx.DiffState(0, nnx.Param))
+    (loss, metrics), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    return {"loss": loss, **metrics}
+
+
+def packed_batches(documents: Sequence[Sequence[int]], seq_len: int, batch_size: int, seed: int = 0,
+                   eos_id: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless shuffled batches of documents packed into [batch, seq_len] rows (EOS between them)."""
+    stream = np.concatenate([np.append(np.asarray(d, np.int32), eos_id) for d in documents])
+    n_rows = len(stream) // seq_len
+    if n_rows < batch_size:
+        raise ValueError(f"data has {len(stream)} tokens: fewer than one batch of {batch_size} x {seq_len}")
+    rows = stream[:n_rows * seq_len].reshape(n_rows, seq_len)
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n_rows)
+        for i in range(0, n_rows - batch_size + 1, batch_size):
+            batch = rows[order[i:i + batch_size]]
+            yield batch, np.ones_like(batch)
+
+
+class Checkpoints:
+    """Orbax save/resume of (model, optimiser) state; each save is atomic (Orbax finalises a step
+    directory only once every array is written)."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+    def save(self, step: int, model, optimizer) -> None:
+        state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, model, optimizer, step: int | None = None) -> int:
+        """Restore into `model` and `optimizer` in place, onto their current shardings."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.manager.directory}: no checkpoint to resume from")
+        target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
+        return step
