@@ -1,0 +1,66 @@
+"""`load_pretrained`: a ready model from a published checkpoint folder or a converted Orbax folder.
+
+Nothing is materialised whole on the host: the model is built abstractly, each
+checkpoint leaf is read straight onto its sharding (published: streamed from the
+memory-mapped safetensors; converted: restored by Orbax onto the target
+shardings, whatever mesh it was written from), and the per-layer leaves are
+stacked into the scan segments on device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from v4jax import weights
+from v4jax.config import ModelConfig
+from v4jax.model import Transformer
+
+
+def checkpoint_shardings(model: nnx.Module, mesh: Mesh, rules="inference"):
+    """sharding_for(name, shape) for checkpoint leaves: model parameters by the rules; the FP8
+    scales a dequantised checkpoint keeps only for export are replicated."""
+    from v4jax.sharding import checkpoint_sharding
+
+    for_model, params = checkpoint_sharding(model, mesh, rules), set(weights.flat_names(model))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return lambda name, shape: for_model(name, shape) if name in params else replicated
+
+
+def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference", *, dtype: str | None = None,
+                    quantized: bool | None = None, quant_sim: bool = True) -> Transformer:
+    """Build a Transformer holding the weights at `path`, placed on `mesh` by `rules` (None: one device).
+
+    `dtype` and `quantized` (keep FP8/FP4 codes) default to bfloat16 / dequantised for a
+    published folder and to what a converted folder was converted with.
+    """
+    from v4jax.checkpoint import converted_config, iter_model_layout, load_flat, read_published
+
+    path = Path(path)
+    published = (path / "model.safetensors.index.json").is_file()
+    if published:
+        source = read_published(path)
+        cfg = source.cfg.replace(dtype=dtype or "bfloat16", quantized=bool(quantized), quant_sim=quant_sim)
+    else:
+        cfg = converted_config(path)
+        cfg = cfg.replace(dtype=dtype or cfg.dtype, quant_sim=quant_sim,
+                          quantized=cfg.quantized if quantized is None else quantized)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    sharding_for = checkpoint_shardings(model, mesh, rules) if mesh is not None else None
+    if published:
+        flat = dict(iter_model_layout(source, cfg, keep_quantized=cfg.quantized, sharding_for=sharding_for))
+    else:
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {name: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                               sharding=sharding_for(name, s.shape) if sharding_for else default)
+                    for name, s in weights.flat_abstract(model).items()}
+        flat = load_flat(path, abstract)
+    weights.load_flat(model, flat)
+    if mesh is not None:
+        from v4jax.sharding import shard_model
+
+        shard_model(model, mesh, rules)  # stacked leaves onto their "layers"-prefixed shardings
+    return model
