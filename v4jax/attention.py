@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax import quant
+from v4jax.cache import LayerCache
 from v4jax.compressor import Compressor
 from v4jax.config import ModelConfig
 from v4jax.indexer import Indexer, indexer_scores, select_topk
@@ -68,24 +69,17 @@ def kv_fake_quant(kv, rope_dim: int):
     return jnp.concatenate([nope, kv[..., -rope_dim:]], axis=-1)
 
 
-def scatter_rows(buf, rows, index):
-    """buf: [batch, N, w]; rows: [batch, R, w] written at index [batch, R]; out-of-range indices are dropped."""
-    b = jnp.arange(buf.shape[0])[:, None]
-    return buf.at[b, index].set(rows.astype(buf.dtype), mode="drop")
-
-
 def window_view(ring, start, window: int):
     """Ring buffer [batch, W, d] -> entries in position order start-W .. start-1, with their positions."""
     pos = start[:, None] - window + jnp.arange(window)  # [batch, W]
     return jax.vmap(lambda r, p: r[p % window])(ring, pos), pos
 
 
-def update_ring(ring, kv, start, lengths):
-    """Write the last (up to W) valid tokens of the chunk into slots position mod W."""
-    window = ring.shape[1]
-    t = jnp.arange(kv.shape[1])[None, :]
+def ring_slots(start, lengths, t_len: int, window: int):
+    """Ring slots (position mod W) of a chunk's last (up to W) valid tokens; W (dropped) for the others."""
+    t = jnp.arange(t_len)[None, :]
     keep = (t < lengths[:, None]) & (t >= lengths[:, None] - window)
-    return scatter_rows(ring, kv, jnp.where(keep, (start[:, None] + t) % window, window))
+    return jnp.where(keep, (start[:, None] + t) % window, window)
 
 
 class GroupedWeight(nnx.Module):
@@ -114,8 +108,11 @@ class Attention(nnx.Module):
         if ratio == 4:
             self.indexer = Indexer(cfg, rngs)
 
-    def __call__(self, x, cache: dict, start, lengths):
-        """x: [batch, T, dim] (after attn_norm) -> ([batch, T, dim], updated cache)."""
+    def __call__(self, x, cache: dict, start, lengths, layer=None):
+        """x: [batch, T, dim] (after attn_norm) -> ([batch, T, dim], updated cache).
+
+        cache: this layer's arrays, or (layer given) a scanned stack's arrays and this layer's index.
+        """
         cfg, ratio = self.cfg, self.ratio
         b, t_len, _ = x.shape
         heads, d, rope_dim, window = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.sliding_window
@@ -125,35 +122,39 @@ class Attention(nnx.Module):
         q_lat = self.q_norm(self.wq_a(x))  # [batch, T, r_q], also the indexer's input
         q = self.wq_b(q_lat).reshape(b, t_len, heads, d)
         q = rms_normalize(q, cfg.rms_norm_eps).astype(x.dtype)
-        q = constrain(apply_rope(q, positions[..., None], inv_freq), ("batch", "seq", "heads", None))
+        q = constrain(apply_rope(q, positions[..., None], inv_freq), ("batch", "seq", "act_heads", None))
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [batch, T, d]
         if cfg.quant_sim:
             kv = kv_fake_quant(kv, rope_dim)
 
-        cache = dict(cache)
-        ring_kv, ring_pos = window_view(cache["window"], start, window)
+        cache = LayerCache(cfg, cache, layer)
+        ring_kv, ring_pos = window_view(cache.read("window"), start, window)
         win_kv = jnp.concatenate([ring_kv, kv], axis=1)  # [batch, W + T, d]
         win_pos = jnp.concatenate([ring_pos, positions], axis=1)
-        cache["window"] = update_ring(cache["window"], kv, start, lengths)
+        cache.write_rows("window", kv, ring_slots(start, lengths, t_len, window))
 
         index_q = index_w = None
         if ratio:
-            entries, idx, cache["kv_state"], cache["score_state"] = self.compressor(
-                x, start, lengths, cache["kv_state"], cache["score_state"], inv_freq)
+            entries, idx, kv_state, score_state = self.compressor(
+                x, start, lengths, cache.get("kv_state"), cache.get("score_state"), inv_freq)
+            cache.set("kv_state", kv_state)
+            cache.set("score_state", score_state)
             if cfg.quant_sim:
                 entries = kv_fake_quant(entries, rope_dim)
-            cache["entries"] = scatter_rows(cache["entries"], entries, idx)
+            cache.write_rows("entries", entries, idx)
         if ratio == 4:
-            keys, idx, cache["index_kv_state"], cache["index_score_state"] = self.indexer.compressor(
-                x, start, lengths, cache["index_kv_state"], cache["index_score_state"], inv_freq)
-            cache["index_keys"] = scatter_rows(cache["index_keys"], self.indexer.keys(keys), idx)
+            keys, idx, kv_state, score_state = self.indexer.compressor(
+                x, start, lengths, cache.get("index_kv_state"), cache.get("index_score_state"), inv_freq)
+            cache.set("index_kv_state", kv_state)
+            cache.set("index_score_state", score_state)
+            cache.write_rows("index_keys", self.indexer.keys(keys), idx)
             index_q, index_w = self.indexer.queries(x, q_lat, positions, inv_freq)
 
         o = self._attend_blocks(q, positions, win_kv, win_pos, cache, index_q, index_w)
         o = apply_rope(o.astype(x.dtype), positions[..., None], inv_freq, inverse=True)
-        return self.wo_b(grouped_out_proj(o, self.wo_a.weight[...], x.dtype)), cache
+        return self.wo_b(grouped_out_proj(o, self.wo_a.weight[...], x.dtype)), cache.arrays
 
-    def _attend_blocks(self, q, positions, win_kv, win_pos, cache, index_q, index_w):
+    def _attend_blocks(self, q, positions, win_kv, win_pos, cache: LayerCache, index_q, index_w):
         """Attention in query blocks of up to W tokens, so memory stays linear in T.
 
         Block i holds queries i*Qb .. i*Qb+Qb-1; its window keys are the W + Qb ext
@@ -174,6 +175,12 @@ class Attention(nnx.Module):
             index_q, index_w = pad_t(index_q), pad_t(index_w)
         scale = cfg.head_dim**-0.5
         sink = self.attn_sink[...]
+        if ratio == 4:
+            index_keys = cache.read("index_keys")  # [batch, N, d_I]; main entries are gathered per query
+            n_entries = index_keys.shape[1]
+        elif ratio:
+            entries = cache.read("entries")  # [batch, N, d]
+            n_entries = entries.shape[1]
 
         def block(i):
             sl = lambda a, n: jax.lax.dynamic_slice_in_dim(a, i * qb, n, axis=1)
@@ -182,12 +189,11 @@ class Attention(nnx.Module):
             rel = p[:, :, None] - keys_pos[:, None, :]
             parts = [(sl(win_kv, qb + window), (keys_pos[:, None, :] >= 0) & (rel >= 0) & (rel < window))]
             if ratio:
-                entries = cache["entries"]  # [batch, N, d]
-                visible = jnp.arange(entries.shape[1]) < ((p + 1) // ratio)[..., None]  # [batch, Qb, N]
+                visible = jnp.arange(n_entries) < ((p + 1) // ratio)[..., None]  # [batch, Qb, N]
                 if ratio == 4:
-                    scores = indexer_scores(sl(index_q, qb), cache["index_keys"], sl(index_w, qb))
+                    scores = indexer_scores(sl(index_q, qb), index_keys, sl(index_w, qb))
                     idx, valid = select_topk(scores, visible, cfg.index_topk)
-                    parts.append((jax.vmap(lambda e, i: e[i])(entries, idx), valid))
+                    parts.append((cache.read("entries", idx), valid))  # [batch, Qb, k, d]
                 else:
                     parts.append((entries, visible))
             return sink_attention(sl(q, qb), parts, sink, scale)

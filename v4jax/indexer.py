@@ -16,6 +16,7 @@ from v4jax.compressor import Compressor
 from v4jax.config import ModelConfig
 from v4jax.linear import Linear
 from v4jax.rope import apply_rope
+from v4jax.sharding import top_k
 
 
 def indexer_scores(q, k, w):
@@ -31,7 +32,7 @@ def select_topk(scores, visible, k: int):
     slots are marked invalid (the reference's -1 slots).
     """
     k = min(k, scores.shape[-1])
-    best, idx = jax.lax.top_k(jnp.where(visible, scores, -jnp.inf), k)
+    best, idx = top_k(jnp.where(visible, scores, -jnp.inf), k, ("batch", None, "cache_seq"))
     return idx, best > -jnp.inf
 
 

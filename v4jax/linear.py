@@ -21,6 +21,13 @@ def matmul_t(x, w, out_dtype):
     return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def kernel(owner: nnx.Module, dtype):
+    """owner.weight in `dtype`, dequantised with owner.scale when the weight is kept quantised."""
+    if hasattr(owner, "scale"):
+        return quant.dequant(owner.weight[...], owner.scale[...], dtype)
+    return owner.weight[...].astype(dtype)
+
+
 class Linear(nnx.Module):
     """A linear layer; `fp8=True` marks the ones the published checkpoint stores in FP8.
 
@@ -43,10 +50,7 @@ class Linear(nnx.Module):
             self.weight = param(normal(rngs, (out_dim, in_dim), in_dim**-0.5, dtype), axes)
 
     def kernel(self, dtype):
-        """The [out, in] weight in `dtype`, dequantised if it is kept quantised."""
-        if hasattr(self, "scale"):
-            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
-        return self.weight[...].astype(dtype)
+        return kernel(self, dtype)
 
     def __call__(self, x, out_dtype=None):
         if self.act_quant:

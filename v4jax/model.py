@@ -43,14 +43,14 @@ class Block(nnx.Module):
                       getattr(self, f"hc_{side}_scale")[...], iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
                       norm_eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, token_ids, cache: dict, start, lengths):
-        """x: [batch, T, n_hc, dim] -> (same, updated cache)."""
+    def __call__(self, x, token_ids, cache: dict, start, lengths, layer=None):
+        """x: [batch, T, n_hc, dim] -> (same, updated cache); `layer` indexes a stacked cache (see Attention)."""
         y, post, comb = self._hc("attn", x)
-        a, cache = self.attn(self.attn_norm(y), cache, start, lengths)
+        a, cache = self.attn(self.attn_norm(y), cache, start, lengths, layer)
         x = hc_post(a, x, post, comb)
         y, post, comb = self._hc("ffn", x)
         x = hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
-        return constrain(x, ("batch", "seq", None, "embed")), cache
+        return constrain(x, ("batch", "seq", None, "act_embed")), cache
 
 
 def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs) -> Block:
@@ -64,14 +64,12 @@ def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs)
     return make(rngs)
 
 
-class HeadCollapse(nnx.Module):
-    """Owner of an hc_head_* triple (main model and MTP block each have one)."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        n, dim = cfg.hc_mult, cfg.hidden_size
-        self.hc_head_fn = param(normal(rngs, (n, n * dim), 0.02, jnp.float32), (None, None))
-        self.hc_head_base = param(jnp.zeros((n,), jnp.float32), (None,))
-        self.hc_head_scale = param(jnp.ones((1,), jnp.float32), (None,))
+def init_hc_head(owner: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    """Give `owner` the hc_head_fn / _base / _scale of a final stream collapse (main model and MTP block)."""
+    n, dim = cfg.hc_mult, cfg.hidden_size
+    owner.hc_head_fn = param(normal(rngs, (n, n * dim), 0.02, jnp.float32), (None, None))
+    owner.hc_head_base = param(jnp.zeros((n,), jnp.float32), (None,))
+    owner.hc_head_scale = param(jnp.ones((1,), jnp.float32), (None,))
 
 
 def collapse_and_project(owner, norm: RMSNorm, head_weight, x, cfg: ModelConfig):
@@ -79,7 +77,7 @@ def collapse_and_project(owner, norm: RMSNorm, head_weight, x, cfg: ModelConfig)
     h = hc_head(x, owner.hc_head_fn[...], owner.hc_head_base[...], owner.hc_head_scale[...],
                 hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
     h = norm(h).astype(jnp.float32)
-    return constrain(jnp.einsum("btd,vd->btv", h, head_weight.astype(jnp.float32)), ("batch", "seq", "vocab"))
+    return constrain(jnp.einsum("btd,vd->btv", h, head_weight.astype(jnp.float32)), ("batch", "seq", "act_vocab"))
 
 
 class MTPBlock(Block):
@@ -93,8 +91,7 @@ class MTPBlock(Block):
         self.enorm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
         self.hnorm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
         self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
-        head = HeadCollapse(cfg, rngs)
-        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = head.hc_head_fn, head.hc_head_base, head.hc_head_scale
+        init_hc_head(self, cfg, rngs)
 
     def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths):
         """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1)."""
@@ -121,8 +118,7 @@ class Transformer(nnx.Module):
             nnx.List([stacked_blocks(cfg, kind, seg.reps, rngs) for kind in seg.unit]) for seg in cfg.layer_plan])
         self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
         self.head = Table(cfg, dim**-0.5, rngs)
-        head = HeadCollapse(cfg, rngs)
-        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = head.hc_head_fn, head.hc_head_base, head.hc_head_scale
+        init_hc_head(self, cfg, rngs)
         if cfg.num_nextn_predict_layers:
             self.mtp = nnx.List([MTPBlock(cfg, rngs)])
 
@@ -146,16 +142,18 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         b, t_len = input_ids.shape
+        # A given state is updated in place; a fresh one (training, scoring) is scanned layer by layer.
+        in_place = state is not None
         state = self.fresh_state(b, t_len) if state is None else state
         lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         start = state["pos"]
         embed = self.embed.weight[...]
-        h = constrain(embed[input_ids], ("batch", "seq", "embed"))
+        h = constrain(embed[input_ids], ("batch", "seq", "act_embed"))
         x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
 
         new_layers = []
         for stack, seg_cache in zip(self.layers, state["layers"]):
-            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat)
+            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat, in_place)
             new_layers.append(seg_cache)
         logits = collapse_and_project(self, self.norm, self.head.weight[...], x, cfg)
         new_state = {**state, "pos": start + lengths, "layers": new_layers}
@@ -168,19 +166,34 @@ class Transformer(nnx.Module):
         return logits, mtp_logits, new_state
 
 
-def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool):
-    """Scan one segment: each step runs the unit's blocks (one slice of every stacked parameter)."""
+def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool, in_place: bool = False):
+    """Scan one segment: each step runs the unit's blocks (one slice of every stacked parameter).
+
+    in_place=False passes each layer its cache slice (scan xs -> ys), which rewrites
+    every cache array. in_place=True carries the stacked caches and each layer writes
+    its new rows into them, so a decode step costs O(new rows), not O(cache size).
+    """
     graphdefs, params = zip(*(nnx.split(block) for block in stack))
 
-    def body(x, slices):
-        unit_params, unit_caches = slices
+    def run_unit(x, unit_params, unit_caches, layer):
         new_caches = []
         for graphdef, p, c in zip(graphdefs, unit_params, unit_caches):
-            x, c = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths)
+            x, c = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths, layer)
             new_caches.append(c)
         return x, new_caches
 
+    if in_place:
+        def body(carry, unit_params):
+            x, unit_caches, layer = carry
+            return (*run_unit(x, unit_params, unit_caches, layer), layer + 1), None
+    else:
+        def body(x, slices):
+            return run_unit(x, *slices, None)
+
     if remat:
         body = jax.checkpoint(body)
-    x, new_caches = jax.lax.scan(body, x, (list(params), caches))
+    if in_place:
+        (x, new_caches, _), _ = jax.lax.scan(body, (x, list(caches), jnp.int32(0)), list(params))
+    else:
+        x, new_caches = jax.lax.scan(body, x, (list(params), caches))
     return x, new_caches

@@ -15,7 +15,7 @@ from flax import nnx
 
 from v4jax import quant
 from v4jax.config import LayerKind, ModelConfig
-from v4jax.linear import Linear
+from v4jax.linear import Linear, kernel
 from v4jax.params import Constant, Quantized, RouterBias, normal, param
 from v4jax.sharding import expert_dispatch
 
@@ -99,9 +99,7 @@ class ExpertWeights(nnx.Module):
             self.scale = param(jnp.full(blocks, unit, jnp.float32), axes, Quantized)
 
     def kernel(self, dtype):
-        if hasattr(self, "scale"):
-            return quant.dequant(self.weight[...], self.scale[...], dtype)
-        return self.weight[...].astype(dtype)
+        return kernel(self, dtype)
 
 
 class Experts(nnx.Module):

@@ -128,20 +128,45 @@ def fake_quant_fp8(x, block: int):
     the non-RoPE KV dims (block 64). A ragged last block (tiny test dims only) is
     zero-padded, which leaves its amax unchanged. Returns x's dtype.
     """
-    xb, unblock = _to_blocks(x, block)
-    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-4) / FP8_MAX)))
-    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-    return unblock(q * s).astype(x.dtype)
+    q, s, unblock = _round_blocks(x, block, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
+    return unblock(q.astype(jnp.float32) * s).astype(x.dtype)
 
 
 def fake_quant_fp4(x, block: int = FP4_GROUP):
     """Round x to E2M1 (nearest, ties to even) with one power-of-two scale per `block` values."""
+    q, s, unblock = _round_blocks(x, block, FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)
+    return unblock(q.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def encode_blocks(x, block: int, fmt: str):
+    """The codes and scales `fake_quant_fp8` / `fake_quant_fp4` round x to, for storing them.
+
+    x: [..., n] with n a multiple of `block`; fmt "fp8" (E4M3) or "fp4" (E2M1).
+    Returns codes [..., n] (float8_e4m3fn or float4_e2m1fn) and power-of-two scales
+    [..., n / block] float8_e8m0fnu; codes * scales is exactly the fake-quantised x.
+    """
+    qmax, floor, dtype = {"fp8": (FP8_MAX, 1e-4, jnp.float8_e4m3fn),
+                          "fp4": (FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)}[fmt]
+    q, s, _ = _round_blocks(x, block, qmax, floor, dtype)
+    return q.reshape(x.shape), s[..., 0].astype(jnp.float8_e8m0fnu)
+
+
+def decode_blocks(codes, scales, dtype):
+    """codes: [..., n] FP8/FP4 values, scales: [..., n / block] -> [..., n] dtype (inverse of encode_blocks)."""
+    block = codes.shape[-1] // scales.shape[-1]
+    q = codes.astype(jnp.float32).reshape(*scales.shape, block)
+    return (q * scales.astype(jnp.float32)[..., None]).reshape(codes.shape).astype(dtype)
+
+
+def _round_blocks(x, block: int, qmax: float, floor: float, dtype):
+    """Per block of the last dim: scale s = 2^ceil(log2(amax / qmax)), codes round(x / s) in dtype.
+
+    Returns codes [..., blocks, block], float32 s [..., blocks, 1] and the inverse reshape.
+    """
     xb, unblock = _to_blocks(x, block)
     amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, FP4_MAX * 2.0**-126) / FP4_MAX)))
-    q = jnp.clip(xb / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32)
-    return unblock(q * s).astype(x.dtype)
+    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, floor) / qmax)))
+    return jnp.clip(xb / s, -qmax, qmax).astype(dtype), s, unblock
 
 
 def _to_blocks(x, block: int):

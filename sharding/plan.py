@@ -1,0 +1,228 @@
+"""Memory plan: per-device parameter, cache and temporary bytes of a sharded forward, never allocated.
+
+Parameters and caches are abstract (`nnx.eval_shape` / `jax.eval_shape`) with their
+shardings attached, so their bytes per device are exact sums of shard shapes. The
+prefill chunk and the one-token decode step are lowered and compiled for the mesh
+(simulated devices are enough) and `compiled.memory_analysis()` gives the
+temporaries XLA plans for one device. Layers are scanned, so the temporaries of a
+reduced-depth copy of the model (same layer kinds, fewer repetitions) stand for
+those of the full depth when compiling the full model is too slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from v4jax.cache import init_cache
+from v4jax.config import ModelConfig
+from v4jax.sharding.mesh import describe, make_mesh
+from v4jax.sharding.placement import bytes_per_device, shard_cache, shard_model
+from v4jax.sharding.rules import ShardingError, get_rules, use_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """memory_analysis of one compiled step, bytes per device."""
+
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    weights: str  # "quantized" (FP8/FP4 codes + scales) or the dequantised dtype
+    mesh: str
+    devices: int
+    batch: int
+    context: int
+    chunk: int
+    params: int  # bytes per device
+    cache: int
+    prefill: Step | None
+    decode: Step | None
+    temp_depth: int  # main layers of the model the temporaries were compiled for
+
+    @property
+    def peak(self) -> int:
+        """Parameters + cache + the larger step's temporaries (inputs, logits and ids are negligible)."""
+        temps = [s.temporaries for s in (self.prefill, self.decode) if s is not None]
+        return self.params + self.cache + max(temps, default=0)
+
+    def fits(self, device_bytes: float) -> bool:
+        return self.peak <= device_bytes
+
+
+def reduced_depth(cfg: ModelConfig, reps: int = 2) -> ModelConfig:
+    """The same layer kinds with every scan segment cut to at most `reps` repetitions."""
+    kinds = [kind for seg in cfg.layer_plan for _ in range(min(seg.reps, reps)) for kind in seg.unit]
+    ratios = [k.ratio for k in kinds] + list(cfg.compress_ratios[cfg.num_hidden_layers:])
+    return cfg.replace(num_hidden_layers=len(kinds), compress_ratios=tuple(ratios),
+                       num_hash_layers=sum(k.hash_routed for k in kinds))
+
+
+def abstract_model(cfg: ModelConfig) -> nnx.Module:
+    from v4jax.model import Transformer  # v4jax.model imports this package
+
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def at_rest(abstract: nnx.Module, mesh: Mesh, rules, batch: int, context: int) -> tuple[int, int]:
+    """Exact bytes per device of the parameters and of a `context`-token cache for `batch` sequences."""
+    cfg = abstract.cfg
+    params = bytes_per_device(nnx.state(shard_model(nnx.merge(*nnx.split(abstract)), mesh, rules)))
+    cache = bytes_per_device(shard_cache(jax.eval_shape(lambda: init_cache(cfg, batch, context)), mesh, rules))
+    return params, cache
+
+
+@contextlib.contextmanager
+def grouped_gemm_stand_in():
+    """Lower the grouped expert matmul as a dense matmul with the same operand and result shapes.
+
+    XLA:CPU emulates `ragged_dot` densely, with [rows, E, in] temporaries that no TPU /
+    GPU grouped-GEMM kernel (Megablox, Tokamax, cuBLAS grouped GEMM) allocates; the
+    stand-in has the footprint of such a kernel. Programs lowered under it are only
+    measured, never run.
+    """
+    from v4jax import moe  # v4jax.moe imports this package
+
+    original = moe.ragged_matmul_t
+    moe.ragged_matmul_t = lambda x, w, group_sizes: jnp.einsum(
+        "mi,oi->mo", x, w[0].astype(x.dtype), preferred_element_type=jnp.float32)
+    try:
+        yield
+    finally:
+        moe.ragged_matmul_t = original
+
+
+def compile_step(cfg: ModelConfig, mesh: Mesh, rules, batch: int, context: int, tokens: int,
+                 dispatch: str = "gather") -> Step:
+    """Lower and compile one forward step of `tokens` tokens into a `context`-token cache; its
+    memory_analysis (grouped expert matmuls lowered as `grouped_gemm_stand_in`)."""
+    graphdef, state = nnx.split(shard_model(abstract_model(cfg), mesh, rules))
+    cache = shard_cache(jax.eval_shape(lambda: init_cache(cfg, batch, context)), mesh, rules)
+    with use_rules(mesh, rules, dispatch=dispatch) as layout, grouped_gemm_stand_in():
+        ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32,
+                                   sharding=layout.sharding(("batch", None), (batch, tokens), "input ids"))
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=layout.sharding(("batch",), (batch,), "lengths"))
+
+        def step(state, ids, cache, lengths):
+            logits, _, cache = nnx.merge(graphdef, state).forward(ids, cache, lengths)
+            return logits[:, -1], cache
+
+        out_shardings = (NamedSharding(mesh, PartitionSpec()), jax.tree.map(lambda a: a.sharding, cache))
+        fn = jax.jit(step, donate_argnums=2, out_shardings=out_shardings)
+        mem = fn.lower(state, ids, cache, lengths).compile().memory_analysis()
+    return Step(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                mem.temp_size_in_bytes)
+
+
+def candidate_meshes(cfg: ModelConfig, n_devices: int, devices: Sequence | None = None) -> list[Mesh]:
+    """Serving meshes of n devices for one sequence at a time: expert x tensor x sequence = n
+    (tensor at most the output-group count)."""
+    devices = list(jax.devices()[:n_devices] if devices is None else devices)
+    out = []
+    for tensor in _divisors(math.gcd(n_devices, cfg.o_groups)):
+        for expert in _divisors(n_devices // tensor):
+            sequence = n_devices // tensor // expert
+            out.append(make_mesh(dict(expert=expert, tensor=tensor, sequence=sequence), devices=devices))
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def best_mesh(abstract: nnx.Module, n_devices: int, rules, batch: int, context: int,
+              devices: Sequence | None = None) -> tuple[Mesh, int, int] | None:
+    """The candidate mesh with the fewest parameter + cache bytes per device (ties: the one with
+    more expert parallelism, which needs fewer collectives); None if the rules place none."""
+    best = None
+    for mesh in candidate_meshes(abstract.cfg, n_devices, devices):
+        try:
+            params, cache = at_rest(abstract, mesh, rules, batch, context)
+        except ShardingError:
+            continue
+        key = (params + cache, -mesh.shape["expert"], mesh.shape["sequence"])
+        if best is None or key < best[0]:
+            best = (key, mesh, params, cache)
+    return None if best is None else best[1:]
+
+
+def plan_memory(cfg: ModelConfig, mesh: Mesh, rules="inference", *, model: str = "", batch: int = 1,
+                context: int = 131072, chunk: int = 4096, temp_reps: int | None = None,
+                dispatch: str = "gather", compile_steps: bool = True) -> MemoryPlan:
+    """Per-device memory of serving `cfg` on `mesh`: weights, a `context`-token cache for `batch`
+    sequences, and the temporaries of a `chunk`-token prefill step and a one-token decode step.
+
+    temp_reps: compile a reduced-depth copy with at most that many repetitions per
+    scan segment (None: the full model). Raises ShardingError when the rules cannot
+    place the model on this mesh.
+    """
+    rules = get_rules(rules)
+    params, cache = at_rest(abstract_model(cfg), mesh, rules, batch, context)
+    small = cfg if temp_reps is None else reduced_depth(cfg, temp_reps)
+    prefill = decode = None
+    if compile_steps:
+        prefill = compile_step(small, mesh, rules, batch, context, min(chunk, context), dispatch)
+        decode = compile_step(small, mesh, rules, batch, context, 1, dispatch)
+    weights = "quantized" if cfg.quantized else cfg.dtype
+    return MemoryPlan(model or "model", weights, describe(mesh), mesh.size, batch, context, chunk, params, cache,
+                      prefill, decode, small.num_hidden_layers)
+
+
+def smallest_fit(cfg: ModelConfig, capacities: Sequence[float], sizes: Sequence[int], rules="inference", *,
+                 model: str = "", batch: int = 1, context: int = 131072, chunk: int = 4096,
+                 temp_reps: int | None = None, log=print) -> dict[float, MemoryPlan | None]:
+    """For each device capacity (bytes), the plan of the smallest device count in `sizes` whose best
+    mesh holds parameters + cache + temporaries. Compiles only where parameters + cache fit."""
+    rules = get_rules(rules)
+    abstract = abstract_model(cfg)
+    left = sorted(capacities)[::-1]  # largest capacity fits first
+    found: dict[float, MemoryPlan | None] = dict.fromkeys(capacities)
+    for n in sorted(sizes):
+        if not left:
+            break
+        best = best_mesh(abstract, n, rules, batch, context)
+        if best is None or best[1] + best[2] > left[0]:
+            continue
+        plan = plan_memory(cfg, best[0], rules, model=model, batch=batch, context=context, chunk=chunk,
+                           temp_reps=temp_reps)
+        log(format_plans([plan]).splitlines()[-1])
+        while left and plan.fits(left[0]):
+            found[left.pop(0)] = plan
+    return found
+
+
+def format_plans(plans: Sequence[MemoryPlan]) -> str:
+    """A markdown table of plans (GB = 1e9 bytes)."""
+    gb = lambda b: f"{b / 1e9:.1f}"
+    rows = ["| model | weights | context | devices | mesh | params GB | cache GB | prefill temp GB | "
+            "decode temp GB | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in plans:
+        temp = lambda s: gb(s.temporaries) if s else "-"
+        rows.append(f"| {p.model} | {p.weights} | {_tokens(p.context)} | {p.devices} | {p.mesh} | {gb(p.params)} | "
+                    f"{gb(p.cache)} | {temp(p.prefill)} | {temp(p.decode)} | {gb(p.peak)} |")
+    return "\n".join(rows)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def to_json(plans: Sequence[MemoryPlan]) -> str:
+    return json.dumps([dataclasses.asdict(p) | {"peak": p.peak} for p in plans], indent=1)
+
+
+

@@ -1,0 +1,198 @@
+"""Sampling (greedy, temperature, top-k, top-p, seeds) and the generation loop (stop tokens, budgets, streaming)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax.config import ModelConfig
+from v4jax.generate import Generator
+from v4jax.model import Transformer
+from v4jax.sampling import Sampling, filter_logits, sample, sequence_keys, token_keys
+
+VOCAB = 64
+DRAWS = 4000
+
+
+@pytest.fixture(scope="module")
+def logits():
+    return jax.random.normal(jax.random.key(0), (3, VOCAB)) * 2.0
+
+
+@jax.jit
+def draw_many(logits, keys, temperature, top_k, top_p):
+    """[draws] keys -> [draws, batch] tokens, every draw with the same settings per row."""
+    return jax.vmap(lambda k: sample(logits, jax.random.split(k, logits.shape[0]), temperature, top_k, top_p))(keys)
+
+
+def settings(temperature, top_k, top_p, batch=3):
+    return (jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k, jnp.int32),
+            jnp.full((batch,), top_p, jnp.float32))
+
+
+def draws(logits, seed, *args):
+    return np.asarray(draw_many(logits, jax.random.split(jax.random.key(seed), DRAWS), *settings(*args)))
+
+
+def test_greedy_is_argmax(logits):
+    tokens = draws(logits, 0, 0.0, 0, 1.0)
+    assert (tokens == np.asarray(jnp.argmax(logits, -1))).all()
+
+
+def test_top_k_never_picks_outside_the_k_best(logits):
+    tokens = draws(logits, 1, 5.0, 4, 1.0)  # a hot temperature spreads the draws over all k
+    best = np.argsort(-np.asarray(logits), axis=-1)[:, :4]
+    for b in range(3):
+        assert set(tokens[:, b]) == set(best[b])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_samples_it_in_proportion(logits):
+    p = 0.7
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.zeros(3, jnp.int32), jnp.full(3, p))))
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    tokens = draws(logits, 2, 1.0, 0, p)
+    for b in range(3):
+        mass = np.sort(probs[b][kept[b]])
+        assert mass.sum() >= p > mass.sum() - mass[0]  # reaches p; without its least token it would not
+        assert (probs[b][kept[b]].min() >= probs[b][~kept[b]]).all()  # the set is the most probable tokens
+        assert set(tokens[:, b]) <= set(np.flatnonzero(kept[b]))
+        freq = np.bincount(tokens[:, b], minlength=VOCAB)[kept[b]] / DRAWS
+        np.testing.assert_allclose(freq, probs[b][kept[b]] / mass.sum(), atol=0.03)
+
+
+def test_temperature_sampling_follows_the_softmax(logits):
+    tokens = draws(logits, 3, 2.0, 0, 1.0)
+    probs = np.asarray(jax.nn.softmax(logits / 2.0, -1))
+    for b in range(3):
+        np.testing.assert_allclose(np.bincount(tokens[:, b], minlength=VOCAB) / DRAWS, probs[b], atol=0.03)
+
+
+def test_top_k_and_top_p_combine(logits):
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.full(3, 10, jnp.int32), jnp.full(3, 0.999))))
+    assert (kept.sum(-1) == 10).all()
+
+
+def test_same_seed_same_tokens_and_keys_depend_on_request_and_position(logits):
+    np.testing.assert_array_equal(draws(logits, 7, 1.0, 0, 0.9), draws(logits, 7, 1.0, 0, 0.9))
+    assert not np.array_equal(draws(logits, 7, 1.0, 0, 0.9), draws(logits, 8, 1.0, 0, 0.9))
+    keys = sequence_keys(5, np.arange(4))
+    data = np.asarray(jax.random.key_data(token_keys(keys, jnp.array([3, 3, 4, 4]))))
+    np.testing.assert_array_equal(data[1], np.asarray(jax.random.key_data(token_keys(sequence_keys(5, [1]),
+                                                                                    jnp.array([3]))))[0])
+    assert len({d.tobytes() for d in data}) == 4
+
+
+def test_sampling_settings_are_checked():
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+# ---------------------------------------------------------------------------- the generation loop
+@pytest.fixture(scope="module")
+def model():
+    """Two layers (CSA, HCA) keep the compiles short; sampling needs no depth."""
+    raw = json.load(open("configs/tiny.json"))
+    raw.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)
+    return Transformer(ModelConfig.from_dict(raw, dtype="float32", quant_sim=False), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    return Generator(model, batch_size=2, max_len=64, prefill_chunk=16)
+
+
+PROMPTS = [[0, 5, 9, 200, 17, 3], [0, 44, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+
+
+def test_greedy_generation_is_the_argmax_of_a_full_forward(gen, model):
+    out = gen.generate(PROMPTS, max_new_tokens=12, sampling=Sampling(temperature=0))
+    assert len(out.sequences) == 3 and out.new_tokens == 36 and out.prompt_tokens == 20
+    ids = np.zeros((3, 32), np.int32)  # right padding: the model is causal
+    for b, (prompt, seq) in enumerate(zip(PROMPTS, out.sequences)):
+        ids[b, :len(prompt) + 12] = prompt + seq.tokens
+    full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    for b, (prompt, seq) in enumerate(zip(PROMPTS, out.sequences)):
+        assert seq.finish_reason == "length" and len(seq.tokens) == 12
+        np.testing.assert_array_equal(full[b, len(prompt) - 1:len(prompt) + 11].argmax(-1), seq.tokens)
+
+
+def test_same_seed_same_completions_and_streaming_matches(gen):
+    streamed = {}
+    kwargs = dict(max_new_tokens=10, sampling=Sampling(temperature=1.0, top_k=20, top_p=0.9))
+    a = gen.generate(PROMPTS, seed=11, on_token=lambda i, t: streamed.setdefault(i, []).append(t), **kwargs)
+    b = gen.generate(PROMPTS, seed=11, **kwargs)
+    c = gen.generate(PROMPTS, seed=12, **kwargs)
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
+    assert [streamed[i] for i in range(3)] == [s.tokens for s in a.sequences]
+
+
+def test_stop_token_ends_only_its_sequence(gen):
+    free = gen.generate(PROMPTS[:2], max_new_tokens=10, sampling=Sampling(temperature=0)).sequences
+    stop = free[0].tokens[3]
+    cut = gen.generate(PROMPTS[:2], max_new_tokens=10, sampling=Sampling(temperature=0), stop_tokens=[stop]).sequences
+    for f, c in zip(free, cut):
+        if stop in f.tokens:
+            assert c.finish_reason == "stop" and c.tokens == f.tokens[:f.tokens.index(stop)]
+        else:
+            assert c.finish_reason == "length" and c.tokens == f.tokens
+    assert cut[0].finish_reason == "stop" and len(cut[0].tokens) <= 3
+
+
+def test_generation_stops_at_max_len_and_rejects_prompts_that_do_not_fit(gen):
+    out = gen.generate([list(range(60)), [1, 2]], max_new_tokens=8, sampling=Sampling(temperature=0))
+    assert [len(s.tokens) for s in out.sequences] == [5, 8]  # 60 prompt tokens + 4 fed back = max_len 64
+    with pytest.raises(ValueError, match="prompt 0 has 65 tokens"):
+        gen.generate([list(range(65))], max_new_tokens=1)
+    with pytest.raises(ValueError, match="prompt 1 has 0 tokens"):
+        gen.generate([[1], []], max_new_tokens=1)
+    assert gen.compiled_shapes() == 2  # width 16 (every prefill chunk) and width 1 (decode)
+
+
+# ---------------------------------------------------------------------------- command line and demo
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A two-layer random checkpoint in the published layout, with a word-level tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from v4jax.checkpoint import write_random_checkpoint
+
+    raw = json.load(open("configs/tiny.json"))
+    raw.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)
+    path = write_random_checkpoint(ModelConfig.from_dict(raw), tmp_path_factory.mktemp("ckpt") / "tiny")
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(raw["vocab_size"])}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_cli_generate_streams_text_and_runs_batches_of_ids(ckpt, capsys):
+    from v4jax import cli
+
+    cli.main(["generate", "--ckpt", str(ckpt), "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
+              "--temperature", "0"])
+    out, err = capsys.readouterr()
+    words = out.split()
+    assert len(words) == 6 and all(w.startswith("w") for w in words)
+    assert "tokens/s" in err and "bytes/token" in err
+    cli.main(["generate", "--ckpt", str(ckpt), "--ids", "5,9,200", "--ids", "7,7", "--max-new-tokens", "6",
+              "--temperature", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[0] " + " ".join(w.removeprefix("w") for w in words)  # same prompt, same greedy tokens
+    assert lines[1].startswith("[1] ") and len(lines[1].split()) == 7
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_on_eight_devices(tmp_path):
+    import io
+
+    from v4jax.demo import run_demo
+
+    out = io.StringIO()
+    figures = run_demo(tmp_path, max_new_tokens=8, out=out)
+    assert "mesh of 8 simulated CPU devices" in out.getvalue()
+    assert figures["decode_tokens_per_second"] > 0 and 0 < figures["kv_bytes_per_token_1m"] < 1000

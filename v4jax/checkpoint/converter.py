@@ -1,0 +1,169 @@
+"""Published checkpoint -> Orbax checkpoint of the model layout, streamed leaf by leaf.
+
+A converted folder holds:
+- `state/`: the Orbax checkpoint, a flat dict of model-layout leaves;
+- `config.json` (the published file, byte for byte) and `v4jax.json` ({"dtype", "keep_quantized"}),
+  enough to rebuild the model from this folder alone (`converted_config`);
+- `layout.json`: the published file split, so that export writes the same files back;
+- the tokenizer and generation-config files of the source, if it had them.
+
+Each leaf is built with `jax.make_array_from_callback` straight onto its sharding,
+the callback reading only that device's window of the published files, and is
+handed to Orbax partial saves in batches; nothing exists at DST until the
+whole folder is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from orbax.checkpoint.experimental import v1 as ocp
+from tqdm import tqdm
+
+from v4jax.checkpoint.errors import CheckpointError
+from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
+from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
+from v4jax.checkpoint.staging import check_absent, staging
+from v4jax.config import ModelConfig
+
+STATE = "state"
+INFO = "v4jax.json"
+LAYOUT = "layout.json"
+# Leaves go to Orbax in saves of at most this many bytes (a larger leaf alone), so small
+# leaves share a save while memory stays at two saves' worth.
+_SAVE_BYTES = 256 * 2**20
+
+ShardingFor = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def iter_model_layout(published: PublishedCheckpoint, cfg: ModelConfig, keep_quantized: bool = False,
+                      sharding_for: ShardingFor | None = None) -> Iterator[tuple[str, jax.Array]]:
+    """(name, array) for every model-layout leaf, each read and placed on its sharding as it
+    is yielded (None: the first local device). `cfg` may differ from the checkpoint's only
+    in runtime options such as `dtype`."""
+    if cfg.to_dict() != published.cfg.to_dict():
+        raise CheckpointError(f"{published.path}: config differs from the one given for conversion")
+    for leaf in leaves(cfg, keep_quantized):
+        yield leaf.name, _place(leaf, published, sharding_for)
+
+
+def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtype: str = "bfloat16",
+            sharding_for: ShardingFor | None = None, progress: bool = True) -> Path:
+    """Convert the published checkpoint folder `src` into an Orbax folder `dst` (see module doc)."""
+    dst = Path(dst)
+    check_absent(dst)
+    published = read_published(src)
+    cfg = published.cfg.replace(dtype=dtype)
+    plan = leaves(cfg, keep_quantized)
+    with staging(dst) as tmp:
+        for name in ("config.json",) + COMPANION_FILES:
+            if (published.path / name).is_file():
+                shutil.copyfile(published.path / name, tmp / name)
+        (tmp / INFO).write_text(json.dumps({"dtype": dtype, "keep_quantized": keep_quantized}))
+        (tmp / LAYOUT).write_text(published.layout.to_json())
+        bar = tqdm(total=sum(leaf.source_bytes for leaf in plan), unit="B", unit_scale=True,
+                   desc=f"convert {published.path.name}", disable=not progress)
+        with bar, orbax_context():
+            _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar)
+            ocp.partial.finalize(tmp / STATE)
+    return dst
+
+
+def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.Array], bar: tqdm) -> None:
+    """Orbax partial saves of at most _SAVE_BYTES each (or one larger leaf). A batch is
+    written in the background while the next one is read, so reading overlaps writing
+    and at most two batches are alive."""
+    in_flight: list = []  # at most one (response, source bytes)
+    try:
+        for batch, read in _batches(plan, place):
+            _wait(in_flight, bar)
+            in_flight.append((ocp.partial.save_async(path, batch), read))
+        _wait(in_flight, bar)
+    finally:
+        with contextlib.suppress(Exception):  # an error already on its way matters more
+            _wait(in_flight, bar)
+
+
+def _batches(plan: list[Leaf], place: Callable[[Leaf], jax.Array]) -> Iterator[tuple[dict[str, jax.Array], int]]:
+    """(leaves, their source bytes) per save; a leaf is placed only once the batch before it is handed on."""
+    batch, pending, read = {}, 0, 0
+    for leaf in plan:
+        if batch and pending + leaf.nbytes > _SAVE_BYTES:
+            yield batch, read
+            batch, pending, read = {}, 0, 0
+        batch[leaf.name] = place(leaf)
+        pending += leaf.nbytes
+        read += leaf.source_bytes
+    if batch:
+        yield batch, read
+
+
+def _wait(in_flight: list, bar: tqdm) -> None:
+    while in_flight:
+        response, read = in_flight.pop()
+        response.result()
+        bar.update(read)
+
+
+def converted_config(path: str | Path) -> ModelConfig:
+    """The config of a converted folder, with `dtype` and `quantized` (= kept quantised) as converted."""
+    path = Path(path)
+    try:
+        info = json.loads((path / INFO).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a converted v4jax checkpoint ({INFO}: {e})") from e
+    return ModelConfig.from_json(path / "config.json", dtype=info["dtype"], quantized=info["keep_quantized"])
+
+
+def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restore the named leaves of a converted folder straight onto their shardings.
+
+    `abstract` may name any subset of the stored leaves (e.g. only what a model holds);
+    a leaf without a sharding goes to the first local device. bfloat16 and float32
+    leaves may be restored as either; every other dtype and every shape must match.
+    """
+    path = Path(path)
+    cfg = converted_config(path)
+    stored = model_layout(cfg, cfg.quantized)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    floats = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float32)}
+    target = {}
+    for name, want in abstract.items():
+        have = stored.get(name)
+        if have is None:
+            raise CheckpointError(f"{path}: no leaf {name} in this checkpoint")
+        if tuple(want.shape) != have.shape or not (want.dtype == have.dtype or {want.dtype, have.dtype} <= floats):
+            raise CheckpointError(f"{path}: leaf {name} is {have.dtype}{list(have.shape)}, "
+                                  f"asked for {want.dtype}{list(want.shape)}")
+        target[name] = jax.ShapeDtypeStruct(have.shape, want.dtype, sharding=getattr(want, "sharding", None) or default)
+    with orbax_context():
+        return ocp.load(path / STATE, target)
+
+
+def orbax_context() -> ocp.Context:
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False  # weights barely compress; conversion speed matters more
+    ctx.memory.deepcopy_host_arrays = False  # leaves are written once and never mutated
+    ctx.pytree.loading.partial_load = True  # callers restore subsets of the leaves
+    return ctx
+
+
+def _place(leaf: Leaf, published: PublishedCheckpoint, sharding_for: ShardingFor | None) -> jax.Array:
+    sharding = (sharding_for(leaf.name, leaf.shape) if sharding_for
+                else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    windows: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        # Devices that replicate a window share one read of it.
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in windows:
+            windows[key] = leaf.read(published, index)
+        return windows[key]
+
+    return jax.make_array_from_callback(leaf.shape, sharding, read, dtype=leaf.dtype)

@@ -1,0 +1,96 @@
+"""Model layout -> published checkpoint folder (same names, dtypes, file split and index).
+
+The source is a converted folder (its recorded file split and config are reused, so
+an unmodified checkpoint comes back byte for byte) or an in-memory flat dict such
+as `v4jax.weights.to_flat(model)` (the published split for its config; FP8 weights
+without stored scales get fresh power-of-two ones). Leaves are loaded a batch at a
+time and every published tensor is written at its final offset as soon as it is
+encoded, so memory stays near one batch plus the largest leaf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from v4jax.checkpoint.converter import LAYOUT, converted_config, load_flat
+from v4jax.checkpoint.errors import CheckpointError
+from v4jax.checkpoint.layout import INDEX, FileLayout
+from v4jax.checkpoint.model_layout import Plain, Quantized, encode, model_layout, units
+from v4jax.checkpoint.reader import COMPANION_FILES
+from v4jax.checkpoint.safetensors_format import ShardWriter
+from v4jax.checkpoint.staging import check_absent, staging
+from v4jax.config import ModelConfig
+from v4jax.inventory import published_tensors
+
+# Leaves restored per Orbax load: memory beyond the largest leaf stays below this.
+_LOAD_BYTES = 256 * 2**20
+
+
+def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: ModelConfig | None = None,
+           progress: bool = True) -> Path:
+    """Write the published checkpoint folder `dst` from a converted folder or a flat dict
+    (which needs `cfg`)."""
+    dst = Path(dst)
+    check_absent(dst)
+    if isinstance(src, Mapping):
+        if cfg is None:
+            raise ValueError("export from a flat dict needs cfg")
+        layout, config_bytes, companions = FileLayout.published(cfg), json.dumps(cfg.to_dict(), indent=2).encode(), []
+        sizes = {name: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for name, v in src.items()}
+        load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
+    else:
+        folder = Path(src)
+        cfg = converted_config(folder)
+        layout = FileLayout.from_json((folder / LAYOUT).read_text())
+        config_bytes = (folder / "config.json").read_bytes()
+        companions = [folder / n for n in COMPANION_FILES if (folder / n).is_file()]
+        stored = model_layout(cfg, cfg.quantized)
+        sizes = {name: int(np.prod(s.shape)) * s.dtype.itemsize for name, s in stored.items()}
+        load = lambda names: {n: np.asarray(v) for n, v in load_flat(folder, {n: stored[n] for n in names}).items()}
+
+    specs = {s.name: s for s in published_tensors(cfg)}
+    file_of = {name: shard.file for shard in layout.shards for name in shard.tensors}
+    if set(file_of) != set(specs):
+        raise CheckpointError(f"{src}: recorded file split does not match the inventory of its config")
+    with staging(dst) as tmp, contextlib.ExitStack() as files:
+        writers = {shard.file: files.enter_context(ShardWriter(tmp / shard.file, [specs[n] for n in shard.tensors],
+                                                               shard.metadata))
+                   for shard in layout.shards}
+        bar = files.enter_context(tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True,
+                                       desc=f"export {dst.name}", disable=not progress))
+        for batch in _batches(units(cfg), sizes):
+            values = load([n for unit in batch for n in _leaf_names(unit) if n in sizes])
+            for unit in batch:
+                for name, array in encode(unit, values):
+                    writers[file_of[name]].write(name, array)
+                    bar.update(specs[name].nbytes)
+        files.close()  # every file complete before the folder is renamed into place
+        (tmp / INDEX).write_text(layout.index_text(specs))
+        (tmp / "config.json").write_bytes(config_bytes)
+        for path in companions:
+            shutil.copyfile(path, tmp / path.name)
+    return dst
+
+
+def _leaf_names(unit: Plain | Quantized) -> list[str]:
+    return [unit.spec.name] if isinstance(unit, Plain) else [unit.name + ".weight", unit.name + ".scale"]
+
+
+def _batches(all_units: list[Plain | Quantized], sizes: dict[str, int]) -> Iterator[list[Plain | Quantized]]:
+    batch, pending = [], 0
+    for unit in all_units:
+        batch.append(unit)
+        pending += sum(sizes.get(n, 0) for n in _leaf_names(unit))
+        if pending >= _LOAD_BYTES:
+            yield batch
+            batch, pending = [], 0
+    if batch:
+        yield batch

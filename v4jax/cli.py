@@ -1,0 +1,218 @@
+"""The `v4jax` command line: one subcommand per function in COMMANDS.
+
+Adding a subcommand is one function that registers its parser on the subparsers
+object and sets `run` (called with the parsed arguments), appended to COMMANDS.
+Library imports happen inside `run`, so `v4jax --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="published FP8/FP4 safetensors folder -> Orbax checkpoint",
+                       description="Validate a published checkpoint folder and convert it to an Orbax "
+                                   "checkpoint of the model layout (atomically: DST appears only when complete).")
+    p.add_argument("src", help="published checkpoint folder (config.json, index, safetensors shards)")
+    p.add_argument("dst", help="output folder (must not exist)")
+    p.add_argument("--mesh", help='place leaves on this mesh while converting, e.g. "expert=4,tensor=2"')
+    p.add_argument("--keep-quantized", action="store_true", help="keep FP8/FP4 codes + float32 scales")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of dequantised weights and BF16 tensors (default bfloat16)")
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax.checkpoint import convert
+
+        sharding_for = _mesh_sharding(args) if args.mesh else None
+        convert(args.src, args.dst, keep_quantized=args.keep_quantized, dtype=args.dtype, sharding_for=sharding_for)
+
+    p.set_defaults(run=run)
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="converted Orbax checkpoint -> published safetensors folder",
+                       description="Write a converted checkpoint back in the published layout (same names, "
+                                   "dtypes, file split and index; an unmodified one comes back byte for byte).")
+    p.add_argument("src", help="converted checkpoint folder")
+    p.add_argument("dst", help="output folder (must not exist)")
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax.checkpoint import export
+
+        export(args.src, args.dst)
+
+    p.set_defaults(run=run)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity or log-likelihoods of a JSON Lines data set",
+                       description="Records with 'ids' or 'text' -> token perplexity (rolling windows); records "
+                                   "with 'context' and 'continuation' -> one log-likelihood line per record.")
+    p.add_argument("--ckpt", required=True, help="published or converted checkpoint folder")
+    p.add_argument("--data", required=True, help="JSON Lines file")
+    p.add_argument("--max-len", type=int, default=2048, help="window length for perplexity")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from v4jax import data, evaluate
+
+        model, tokenizer = _load(args.ckpt, args.mesh)
+        records = data.read_records(args.data)
+        if records and "context" in records[0]:
+            for score in evaluate.loglikelihood(model, data.scoring_requests(args.data, tokenizer), args.batch):
+                print(json.dumps({"loglikelihood": score.loglikelihood, "is_greedy": score.is_greedy}))
+        else:
+            print(json.dumps(evaluate.perplexity(model, data.documents(args.data, tokenizer), args.max_len,
+                                                 args.batch)))
+
+    p.set_defaults(run=run)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune on a JSON Lines data set, with Orbax save/resume",
+                       description="Next-token (+ MTP) fine-tuning with AdamW over the model parameters; "
+                                   "checkpoints go to OUT and a rerun resumes from the latest one.")
+    p.add_argument("--ckpt", required=True, help="published or converted checkpoint folder to start from")
+    p.add_argument("--data", required=True, help="JSON Lines file with 'ids' or 'text' records")
+    p.add_argument("--out", required=True, help="folder for training checkpoints")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (0: off)")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument("--mesh", help='e.g. "fsdp=4,expert=2" (default: one device)')
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax import data, train
+
+        model, tokenizer = _load(args.ckpt, args.mesh, rules="training", remat=args.remat)
+        opt = train.make_optimizer(model, args.lr)
+        checkpoints = train.Checkpoints(args.out)
+        step = checkpoints.restore(model, opt) if checkpoints.latest_step() is not None else 0
+        batches = train.packed_batches(data.documents(args.data, tokenizer), args.seq_len, args.batch, seed=step)
+        while step < args.steps:
+            ids, mask = next(batches)
+            metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight)
+            step += 1
+            print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
+            if step % args.save_every == 0 or step == args.steps:
+                checkpoints.save(step, model, opt)
+
+    p.set_defaults(run=run)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete prompts (batched), streaming tokens",
+                       description="Prefill and decode with compressed KV caches. One prompt streams its "
+                                   "completion; several run as one batch. Stops at the checkpoint's eos token.")
+    p.add_argument("--ckpt", required=True, help="published or converted checkpoint folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--ids", action="append", default=[], help='raw token ids "1,2,3" (repeat for a batch)')
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16-cache", action="store_true", help="keep KV in the model dtype, not the FP8 layout")
+    p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax.generate import print_generation, stop_tokens_of
+        from v4jax.sampling import Sampling
+
+        if not args.prompt and not args.ids:
+            raise SystemExit("v4jax generate: give --prompt TEXT or --ids 1,2,3")
+        model, tokenizer = _load(args.ckpt, args.mesh)
+        if args.prompt and tokenizer is None:
+            raise SystemExit(f"v4jax generate: {args.ckpt} has no tokenizer.json; use --ids")
+        prompts = [[int(t) for t in ids.split(",")] for ids in args.ids]
+        prompts += [tokenizer.encode(text).ids for text in args.prompt]
+        mesh = None
+        if args.mesh:
+            from v4jax.sharding import make_mesh
+
+            mesh = make_mesh(args.mesh)
+        print_generation(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                         sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
+                         stop_tokens=stop_tokens_of(args.ckpt), quantized_cache=not args.bf16_cache, mesh=mesh)
+
+    p.set_defaults(run=run)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a tiny model over 8 simulated devices",
+                       description="Write a random checkpoint in the published layout, convert it, load it "
+                                   "sharded over 8 simulated CPU devices, generate a batch, print tokens/s and "
+                                   "KV-cache bytes per token.")
+    p.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax.demo import run_demo, simulate_cpu_devices
+
+        simulate_cpu_devices(8)
+        run_demo(args.workdir, max_new_tokens=args.max_new_tokens)
+
+    p.set_defaults(run=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_export, add_eval, add_train,
+                                                                add_generate, add_demo]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="v4jax", description="DeepSeek-V4 in JAX: convert, export and more.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def _mesh_sharding(args: argparse.Namespace):
+    """sharding_for from the model's logical axes under the inference rules; the FP8 scales a
+    dequantised checkpoint keeps only for export are not model parameters and are replicated."""
+    from pathlib import Path
+
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from v4jax import weights
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+    from v4jax.sharding import checkpoint_sharding, make_mesh
+
+    cfg = ModelConfig.from_json(Path(args.src) / "config.json", dtype=args.dtype, quantized=args.keep_quantized)
+    mesh = make_mesh(args.mesh)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    for_model, params = checkpoint_sharding(model, mesh, "inference"), set(weights.flat_names(model))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return lambda name, shape: for_model(name, shape) if name in params else replicated
+
+
+def _load(ckpt: str, mesh_spec: str | None, rules: str = "inference", remat: bool = False):
+    """A model (under `rules` on the mesh, if given) and the checkpoint's tokenizer (None if it has none)."""
+    from v4jax import data, load_pretrained
+
+    mesh = None
+    if mesh_spec:
+        from v4jax.sharding import make_mesh
+
+        mesh = make_mesh(mesh_spec)
+    model = load_pretrained(ckpt, mesh=mesh, rules=rules, remat=remat)
+    try:
+        tokenizer = data.load_tokenizer(ckpt)
+    except FileNotFoundError:
+        tokenizer = None
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    main()
