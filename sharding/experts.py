@@ -53,29 +53,37 @@ def _spec(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def check_expert_layout(layout: Layout, n_experts: int, ffn: int, act_quant: bool) -> None:
+    """Raise ShardingError if the routed experts [E, F, dim] cannot run expert-parallel on this layout."""
+    what = f"routed experts [E={n_experts}, F={ffn}, dim]"
+    layout.spec(("exp", "mlp_moe", None), (n_experts, ffn, 1), what)  # clashes and non-divisible dims
+    tok = layout.live_axes("batch") + layout.live_axes("seq")
+    ffn_axes = layout.live_axes("mlp_moe")
+    if set(ffn_axes) & set(tok):
+        raise ShardingError(f"{what}: mesh axes {sorted(set(ffn_axes) & set(tok))} split both the tokens "
+                            f"('batch'/'seq') and the expert FFN width ('mlp_moe')")
+    f_local = ffn // layout.size(ffn_axes)
+    if act_quant and ffn_axes and f_local % 128:
+        raise ShardingError(f"{what}: 'mlp_moe' over {ffn_axes} leaves F_local = {f_local}, not a multiple of "
+                            f"the FP8 activation block (128), so quantisation blocks would straddle devices")
+
+
 class _Plan:
     """Which mesh axes split tokens, experts and the expert FFN width, checked against the shapes."""
 
     def __init__(self, layout: Layout, x, w1, act_quant: bool):
+        n_exp, f, _ = w1.shape
+        check_expert_layout(layout, n_exp, f, act_quant)
         self.layout = layout
         self.tok = layout.live_axes("batch") + layout.live_axes("seq")  # rows of x are [batch, seq] flattened
         self.exp = layout.live_axes("exp")
         self.ffn = layout.live_axes("mlp_moe")
-        n_exp, f, _ = w1.shape
-        what = f"routed experts [E={n_exp}, F={f}, dim]"
-        layout.spec(("exp", "mlp_moe", None), w1.shape, what)  # raises on clashes and non-divisible dims
-        if set(self.ffn) & set(self.tok):
-            raise ShardingError(f"{what}: mesh axes {sorted(set(self.ffn) & set(self.tok))} split both the tokens "
-                                f"('batch'/'seq') and the expert FFN width ('mlp_moe')")
         self.n_shards = layout.size(self.exp)
         self.e_local = n_exp // self.n_shards
-        f_local = f // layout.size(self.ffn)
-        if act_quant and self.ffn and f_local % 128:
-            raise ShardingError(f"{what}: 'mlp_moe' over {self.ffn} leaves F_local = {f_local}, not a multiple of "
-                                f"the FP8 activation block (128), so quantisation blocks would straddle devices")
         n_tok = layout.size(self.tok)
         if x.shape[0] % n_tok:
-            raise ShardingError(f"{what}: {x.shape[0]} tokens do not divide by token axes {self.tok} of size {n_tok}")
+            raise ShardingError(f"routed experts: {x.shape[0]} tokens do not divide by token axes {self.tok} "
+                                f"of size {n_tok}")
         self.gathered = tuple(a for a in self.exp if a in self.tok)  # shards with different tokens
         self.shared = tuple(a for a in self.exp if a not in self.tok)  # expert shards with the same tokens
 

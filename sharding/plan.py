@@ -11,11 +11,14 @@ those of the full depth when compiling the full model is too slow.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,8 @@ from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
 from v4jax.sharding.mesh import describe, make_mesh
 from v4jax.sharding.placement import bytes_per_device, shard_cache, shard_model
-from v4jax.sharding.rules import ShardingError, get_rules, use_rules
+from v4jax.sharding.experts import check_expert_layout
+from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +153,11 @@ def best_mesh(abstract: nnx.Module, n_devices: int, rules, batch: int, context: 
     """The candidate mesh with the fewest parameter + cache bytes per device (ties: the one with
     more expert parallelism, which needs fewer collectives); None if the rules place none."""
     best = None
+    rules = get_rules(rules)
     for mesh in candidate_meshes(abstract.cfg, n_devices, devices):
         try:
+            cfg = abstract.cfg
+            check_expert_layout(Layout(mesh, rules), cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.quant_sim)
             params, cache = at_rest(abstract, mesh, rules, batch, context)
         except ShardingError:
             continue
@@ -215,6 +222,86 @@ def format_plans(plans: Sequence[MemoryPlan]) -> str:
         rows.append(f"| {p.model} | {p.weights} | {_tokens(p.context)} | {p.devices} | {p.mesh} | {gb(p.params)} | "
                     f"{gb(p.cache)} | {temp(p.prefill)} | {temp(p.decode)} | {gb(p.peak)} |")
     return "\n".join(rows)
+
+
+def format_fits(fits, capacities_gb: Sequence[float]) -> str:
+    """fits: (model, weights, context label, {capacity bytes: plan or None}) -> a markdown table of the
+    smallest fitting device count (and its mesh, peak GB) per device size."""
+    head = "| model | weights | context | " + " | ".join(f"{gb:g} GB devices" for gb in capacities_gb) + " |"
+    rows = [head, "|---|---|---|" + "---|" * len(capacities_gb)]
+    for model, weights, context, found in fits:
+        cells = []
+        for gb in capacities_gb:
+            p = found.get(gb * 1e9)
+            cells.append("none of the sizes tried" if p is None else f"{p.devices} ({p.mesh}; peak {p.peak / 1e9:.0f})")
+        rows.append(f"| {model} | {weights} | {context} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+CONTEXTS = {"128K": 131072, "1M": 1048576}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (editable install)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `tools/plan.py` and `v4jax plan`."""
+    p.add_argument("--models", nargs="+", default=["flash", "pro"], help="configs/<name>.json or a config path")
+    p.add_argument("--weights", nargs="+", default=["quantized", "bfloat16"], choices=["quantized", "bfloat16"],
+                   help="kept FP8/FP4 codes + scales, or dequantised to bf16")
+    p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), help="128K, 1M or a token count")
+    p.add_argument("--devices", nargs="+", type=int, default=[8, 16, 64, 256], help="device counts (table mode)")
+    p.add_argument("--fit", nargs="+", type=float, metavar="GB",
+                   help="device memory sizes in GB (1e9): find the smallest fitting device count instead")
+    p.add_argument("--fit-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                   help="device counts --fit tries")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--temp-reps", type=int, default=None,
+                   help="compile temporaries on a copy with at most this many layers per scan segment")
+    p.add_argument("--json", type=Path, help="also write the plans here")
+
+
+def simulate_devices(n: int) -> None:
+    """Ask for n simulated CPU devices (before JAX starts its backend) and turn off XLA:CPU's
+    loop-invariant code motion, which hoists whole-stack dtype conversions out of the layer
+    loop: a CPU-only temporary that would otherwise dominate the plan."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+                               " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def run(args: argparse.Namespace, log=print) -> list[MemoryPlan]:
+    """Print the table of plans (or, with --fit, the smallest fitting meshes); returns the plans."""
+    simulate_devices(max(args.fit_sizes if args.fit else args.devices))
+    plans, fits = [], []
+    for name in args.models:
+        path = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
+        for weights in args.weights:
+            cfg = ModelConfig.from_json(path, quantized=weights == "quantized")
+            for ctx in args.contexts:
+                common = dict(model=path.stem, batch=args.batch, context=CONTEXTS.get(ctx) or int(ctx),
+                              chunk=args.chunk, temp_reps=args.temp_reps)
+                if args.fit:
+                    found = smallest_fit(cfg, [gb * 1e9 for gb in args.fit], args.fit_sizes, **common,
+                                         log=lambda line: log(line, flush=True))
+                    fits.append((path.stem, weights, ctx, found))
+                    plans += [p for p in dict.fromkeys(found.values()) if p is not None]
+                    continue
+                abstract = abstract_model(cfg)
+                for n in args.devices:
+                    best = best_mesh(abstract, n, "inference", args.batch, common["context"])
+                    if best is None:
+                        log(f"| {path.stem} | {weights} | {ctx} | {n} | no mesh the rules accept |", flush=True)
+                        continue
+                    plans.append(plan_memory(cfg, best[0], **common))
+                    log(format_plans(plans[-1:]).splitlines()[-1], flush=True)
+    log()
+    log(format_plans(plans))
+    if args.fit:
+        log()
+        log(format_fits(fits, args.fit))
+    if args.json:
+        args.json.write_text(to_json(plans))
+    return plans
 
 
 def _tokens(n: int) -> str:

@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import oracle
 from v4jax import weights
-from v4jax.checkpoint import (convert, converted_config, export, iter_model_layout, load_flat, model_layout,
-                              read_published, write_random_checkpoint)
+from v4jax.checkpoint import (CheckpointError, convert, converted_config, export, iter_model_layout, load_flat,
+                              model_layout, read_published, write_random_checkpoint)
 from v4jax.cli import main as cli
 from v4jax.model import Transformer
 
@@ -128,8 +128,33 @@ def test_export_of_a_converted_checkpoint_is_byte_exact(which, keep_quantized, d
     assert same_files(src, back)
 
 
-def test_restores_onto_a_different_sharding_than_it_was_saved_with(tiny, tmp_path):
-    converted = convert(tiny, tmp_path / "orbax", progress=False)  # saved on one device
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory):
+    return convert(tiny, tmp_path_factory.mktemp("orbax") / "tiny", progress=False)  # bf16, on one device
+
+
+def test_load_flat_checks_names_shapes_and_dtypes(converted):
+    name = "layers.1.ffn.experts.w1.weight"
+    stored = model_layout(converted_config(converted), keep_quantized=False)[name]
+    as_f32 = load_flat(converted, {name: jax.ShapeDtypeStruct(stored.shape, jnp.float32)})[name]
+    as_bf16 = load_flat(converted, {name: stored})[name]
+    assert as_f32.dtype == jnp.float32 and np.array_equal(as_f32, np.asarray(as_bf16, np.float32))
+    with pytest.raises(CheckpointError, match=rf"leaf {name} is bfloat16\[8, 64, 128\], asked for int8"):
+        load_flat(converted, {name: jax.ShapeDtypeStruct(stored.shape, jnp.int8)})
+    with pytest.raises(CheckpointError, match="no leaf layers.9.attn_norm.weight"):
+        load_flat(converted, {"layers.9.attn_norm.weight": jax.ShapeDtypeStruct((128,), jnp.bfloat16)})
+
+
+def test_export_names_a_missing_leaf(converted, tmp_path):
+    cfg = converted_config(converted)
+    flat = load_flat(converted, model_layout(cfg, keep_quantized=False))
+    del flat["layers.2.attn.wkv.weight"]
+    with pytest.raises(CheckpointError, match="flat dict: leaf layers.2.attn.wkv.weight is missing"):
+        export(flat, tmp_path / "out", cfg=cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_restores_onto_a_different_sharding_than_it_was_saved_with(converted):
     layout = model_layout(converted_config(converted), keep_quantized=False)
     mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
 

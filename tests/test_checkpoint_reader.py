@@ -100,7 +100,8 @@ def unknown_tensor(folder: Path, listed: bool) -> None:
     edit_file(folder, "layers.0.attn_norm.weight",
               lambda t: t.update({"layers.0.attn.foo": np.zeros(4, np.float32)}))
     if listed:
-        edit_index(folder, lambda i: i["weight_map"].update({"layers.0.attn.foo": file_of(folder, "layers.0.attn_norm.weight")}))
+        file = file_of(folder, "layers.0.attn_norm.weight")
+        edit_index(folder, lambda i: i["weight_map"].update({"layers.0.attn.foo": file}))
 
 
 SCALE = "layers.1.attn.wq_a.scale"
@@ -138,6 +139,9 @@ CASES = {
         {"embed.weight": "../outside.safetensors"}))),
                     rf"{INDEX}: tensor embed\.weight points to '\.\./outside\.safetensors', outside the checkpoint"),
     "symlink out": (symlink_outside, rf"{INDEX}: tensor embed\.weight points to 'link\.safetensors', outside"),
+    "missing file": (lambda s: (s / "model-00005-of-00009.safetensors").unlink(),
+                     rf"{INDEX}: tensor layers\.3\.hc_attn_base points to 'model-00005-of-00009\.safetensors', which "
+                     "does not exist"),
     "wrong total_size": (lambda s: edit_index(s, lambda i: i["metadata"].update({"total_size": 1})),
                          rf"{INDEX}: metadata\.total_size is 1, expected 4250498"),
     "unknown config key": (lambda s: (s / "config.json").write_text(

@@ -170,20 +170,29 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_cli_generate_streams_text_and_runs_batches_of_ids(ckpt, capsys):
+def test_cli_generate_completes_a_batch_of_text_and_raw_ids(ckpt, capsys):
     from v4jax import cli
 
-    cli.main(["generate", "--ckpt", str(ckpt), "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
+    cli.main(["generate", "--ckpt", str(ckpt), "--ids", "5,9,200", "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
               "--temperature", "0"])
     out, err = capsys.readouterr()
-    words = out.split()
-    assert len(words) == 6 and all(w.startswith("w") for w in words)
+    lines = out.splitlines()
+    assert lines[0].startswith("[0] w") and len(lines[0].split()) == 7
+    assert lines[1] == lines[0].replace("[0]", "[1]")  # the text encodes to the same ids
     assert "tokens/s" in err and "bytes/token" in err
-    cli.main(["generate", "--ckpt", str(ckpt), "--ids", "5,9,200", "--ids", "7,7", "--max-new-tokens", "6",
-              "--temperature", "0"])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[0] " + " ".join(w.removeprefix("w") for w in words)  # same prompt, same greedy tokens
-    assert lines[1].startswith("[1] ") and len(lines[1].split()) == 7
+
+
+def test_text_stream_holds_back_unfinished_utf8():
+    from tokenizers import Tokenizer, decoders, models
+
+    from v4jax.generate import TextStream
+
+    # byte-level tokens: "é" is two tokens (0xC3 0xA9)
+    vocab = {"a": 0, "Ã": 1, "©": 2}  # byte-level symbols of 'a', 0xC3, 0xA9
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tokenizer.decoder = decoders.ByteLevel()
+    stream = TextStream(tokenizer)
+    assert [stream.push(t) for t in (0, 1, 2, 0)] == ["a", "", "é", "a"]
 
 
 @pytest.mark.slow

@@ -108,3 +108,27 @@ def test_prefill_and_decode_with_a_sequence_split_cache_equal_the_unsharded_forw
     got, want = np.stack(got, axis=1), want_logits[:b, prompt - 1:prompt + 3]
     assert rel_err(got, want) < 1e-6
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["gather", "a2a"])
+def test_training_rules_give_the_unsharded_loss_and_gradients(eager_model, ids, dispatch):
+    """FSDP x expert parallelism: the backward pass runs through the dispatch collectives."""
+    from v4jax import train
+
+    def loss_and_grads(model, x, mask):
+        grad_fn = nnx.value_and_grad(lambda m: train.lm_loss(m, x, mask, 0.3), has_aux=True,
+                                     argnums=nnx.DiffState(0, nnx.Param))
+        (loss, _), grads = grad_fn(model)
+        return loss, grads
+
+    x = jnp.asarray(ids[:, :64])
+    mask = jnp.ones_like(x)
+    want_loss, want_grads = nnx.jit(loss_and_grads)(eager_model[0], x, mask)
+    mesh = sh.make_mesh("fsdp=2,expert=4")
+    model = sh.shard_model(copy(eager_model[0]), mesh, "training")
+    with sh.use_rules(mesh, "training", dispatch=dispatch):
+        loss, grads = nnx.jit(loss_and_grads)(model, x, mask)
+    assert abs(float(loss) - float(want_loss)) < 1e-5 * abs(float(want_loss))
+    for (path, g), (_, w) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(want_grads)):
+        assert rel_err(g.get_value(), w.get_value()) < 1e-4, path

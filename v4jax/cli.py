@@ -163,50 +163,76 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-device memory of Flash / Pro on simulated meshes",
+                       description="Lower prefill and decode with abstract parameters on simulated CPU meshes "
+                                   "and print per-device parameter, cache and temporary memory (--fit: the "
+                                   "smallest mesh per device size).")
+
+    def run(args: argparse.Namespace) -> None:
+        from v4jax.sharding import plan
+
+        plan.run(args)
+
+    from v4jax.sharding.plan import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_export, add_eval, add_train,
-                                                                add_generate, add_demo]
+                                                                add_generate, add_demo, add_plan]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="v4jax", description="DeepSeek-V4 in JAX: convert, export and more.")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run (jax.distributed) before anything else: on TPU pods, "
+                             "SLURM and Open MPI the coordinator and process ids are detected; elsewhere give "
+                             "--coordinator, --num-processes and --process-id")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (with --distributed)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    if args.distributed:
+        _join(args)
     args.run(args)
 
 
+def _join(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize; CPU devices exchange collectives over gloo (other backends ignore it)."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
 def _mesh_sharding(args: argparse.Namespace):
-    """sharding_for from the model's logical axes under the inference rules; the FP8 scales a
-    dequantised checkpoint keeps only for export are not model parameters and are replicated."""
+    """sharding_for by the inference rules of the model the checkpoint holds."""
     from pathlib import Path
 
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from v4jax import weights
     from v4jax.config import ModelConfig
+    from v4jax.loading import checkpoint_shardings
     from v4jax.model import Transformer
-    from v4jax.sharding import checkpoint_sharding, make_mesh
+    from v4jax.sharding import make_mesh
 
     cfg = ModelConfig.from_json(Path(args.src) / "config.json", dtype=args.dtype, quantized=args.keep_quantized)
-    mesh = make_mesh(args.mesh)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    for_model, params = checkpoint_sharding(model, mesh, "inference"), set(weights.flat_names(model))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return lambda name, shape: for_model(name, shape) if name in params else replicated
+    return checkpoint_shardings(model, make_mesh(args.mesh))
 
 
 def _load(ckpt: str, mesh_spec: str | None, rules: str = "inference", remat: bool = False):
     """A model (under `rules` on the mesh, if given) and the checkpoint's tokenizer (None if it has none)."""
     from v4jax import data, load_pretrained
+    from v4jax.sharding import make_mesh
 
-    mesh = None
-    if mesh_spec:
-        from v4jax.sharding import make_mesh
-
-        mesh = make_mesh(mesh_spec)
-    model = load_pretrained(ckpt, mesh=mesh, rules=rules, remat=remat)
+    model = load_pretrained(ckpt, mesh=make_mesh(mesh_spec) if mesh_spec else None, rules=rules, remat=remat)
     try:
         tokenizer = data.load_tokenizer(ckpt)
     except FileNotFoundError:

@@ -46,8 +46,8 @@ def simulate_cpu_devices(n: int) -> None:
 
 
 def run_demo(workdir: str | Path | None = None, *, config: ModelConfig | None = None, mesh_spec: str = MESH,
-             max_new_tokens: int = 32, seed: int = 0, out: TextIO = sys.stdout) -> dict:
-    """Run the pipeline (in `workdir`, or a temporary folder) and return its figures."""
+             max_new_tokens: int = 32, seed: int = 0, out: TextIO | None = None) -> dict:
+    """Run the pipeline (in `workdir`, or a temporary folder), print to `out` (default stdout), return its figures."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="v4jax-demo-") as tmp:
             return run_demo(tmp, config=config, mesh_spec=mesh_spec, max_new_tokens=max_new_tokens, seed=seed,
@@ -60,8 +60,8 @@ def run_demo(workdir: str | Path | None = None, *, config: ModelConfig | None = 
     from v4jax.sharding import describe, make_mesh
 
     def say(line: str) -> None:
-        out.write(line + "\n")
-        out.flush()
+        (out or sys.stdout).write(line + "\n")
+        (out or sys.stdout).flush()
 
     cfg = config or ModelConfig.from_dict(TINY)
     workdir = Path(workdir)

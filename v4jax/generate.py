@@ -30,6 +30,7 @@ from flax import nnx
 from v4jax.cache import init_cache
 from v4jax.evaluate import bucket
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
+from v4jax.sharding import cache_shardings, use_rules
 
 
 class Controls(NamedTuple):
@@ -97,8 +98,6 @@ class Generator:
     def _run(self, state, ids: np.ndarray, lengths: np.ndarray, controls: Controls):
         if self.mesh is None:
             return self._step(self._params, state, ids, lengths, controls)
-        from v4jax.sharding import use_rules
-
         with use_rules(self.mesh, self.rules):
             return self._step(self._params, state, ids, lengths, controls)
 
@@ -114,8 +113,6 @@ class Generator:
 
         if self.mesh is None:
             return make()
-        from v4jax.sharding import cache_shardings
-
         shardings = cache_shardings(jax.eval_shape(make), self.mesh, self.rules)
         return jax.jit(make, out_shardings=shardings)()
 
@@ -145,6 +142,9 @@ class Generator:
         if len(tokens) != self.batch_size:
             raise ValueError(f"{len(tokens)} rows for a batch of {self.batch_size}")
         lens = np.array([len(t) for t in tokens])
+        full = np.flatnonzero(np.asarray(state["pos"]) + lens > self.max_len)
+        if full.size:
+            raise ValueError(f"sequence {full[0]}: {lens[full[0]]} more tokens do not fit in max_len {self.max_len}")
         chunk = self.prefill_chunk
         next_tokens = np.zeros(self.batch_size, np.int32)
         last_logits = None
@@ -247,11 +247,13 @@ def stop_tokens_of(ckpt: str | Path) -> list[int]:
 
 def print_generation(model, prompts: Sequence[Sequence[int]], *, tokenizer=None, max_new_tokens: int = 64,
                      sampling: Sampling = Sampling(), seed: int = 0, stop_tokens: Sequence[int] = (),
-                     quantized_cache: bool = True, mesh=None, out: TextIO = sys.stdout,
-                     log: TextIO = sys.stderr) -> Generation:
+                     quantized_cache: bool = True, mesh=None, out: TextIO | None = None,
+                     log: TextIO | None = None) -> Generation:
     """What `v4jax generate` does: one prompt streams its text (or token ids) as tokens come, a batch
-    prints every completion at the end, throughput and KV-cache size go to `log`."""
+    prints every completion at the end, throughput and KV-cache size go to `log` (default stderr)."""
     from v4jax.cache import cache_bytes_per_token
+
+    out, log = out or sys.stdout, log or sys.stderr
 
     max_len = max(len(p) for p in prompts) + max_new_tokens
     gen = Generator(model, batch_size=len(prompts), max_len=max_len, prefill_chunk=min(512, bucket(max_len)),

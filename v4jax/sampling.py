@@ -30,11 +30,6 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def arrays(self, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(temperature, top_k, top_p), each [batch]."""
-        return (jnp.full((batch,), self.temperature, jnp.float32), jnp.full((batch,), self.top_k, jnp.int32),
-                jnp.full((batch,), self.top_p, jnp.float32))
-
 
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest logits, then the smallest set of those whose probability reaches top_p.

@@ -11,7 +11,6 @@ encoded, so memory stays near one batch plus the largest leaf.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from v4jax.checkpoint.converter import LAYOUT, converted_config, load_flat
 from v4jax.checkpoint.errors import CheckpointError
-from v4jax.checkpoint.layout import INDEX, FileLayout
+from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
 from v4jax.checkpoint.model_layout import Plain, Quantized, encode, model_layout, units
 from v4jax.checkpoint.reader import COMPANION_FILES
 from v4jax.checkpoint.safetensors_format import ShardWriter
@@ -30,7 +29,7 @@ from v4jax.checkpoint.staging import check_absent, staging
 from v4jax.config import ModelConfig
 from v4jax.inventory import published_tensors
 
-# Leaves restored per Orbax load: memory beyond the largest leaf stays below this.
+# Leaves restored per Orbax load (or one larger unit alone): bounds memory beyond the largest leaf.
 _LOAD_BYTES = 256 * 2**20
 
 
@@ -40,10 +39,11 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
     (which needs `cfg`)."""
     dst = Path(dst)
     check_absent(dst)
+    source = "flat dict" if isinstance(src, Mapping) else str(src)
     if isinstance(src, Mapping):
         if cfg is None:
             raise ValueError("export from a flat dict needs cfg")
-        layout, config_bytes, companions = FileLayout.published(cfg), json.dumps(cfg.to_dict(), indent=2).encode(), []
+        layout, config_bytes, companions = FileLayout.published(cfg), config_text(cfg).encode(), []
         sizes = {name: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for name, v in src.items()}
         load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
     else:
@@ -59,7 +59,7 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
     specs = {s.name: s for s in published_tensors(cfg)}
     file_of = {name: shard.file for shard in layout.shards for name in shard.tensors}
     if set(file_of) != set(specs):
-        raise CheckpointError(f"{src}: recorded file split does not match the inventory of its config")
+        raise CheckpointError(f"{source}: recorded file split does not match the inventory of its config")
     with staging(dst) as tmp, contextlib.ExitStack() as files:
         writers = {shard.file: files.enter_context(ShardWriter(tmp / shard.file, [specs[n] for n in shard.tensors],
                                                                shard.metadata))
@@ -69,9 +69,12 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
         for batch in _batches(units(cfg), sizes):
             values = load([n for unit in batch for n in _leaf_names(unit) if n in sizes])
             for unit in batch:
-                for name, array in encode(unit, values):
-                    writers[file_of[name]].write(name, array)
-                    bar.update(specs[name].nbytes)
+                try:
+                    for name, array in encode(unit, values):
+                        writers[file_of[name]].write(name, array)
+                        bar.update(specs[name].nbytes)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{source}: {e}") from None
         files.close()  # every file complete before the folder is renamed into place
         (tmp / INDEX).write_text(layout.index_text(specs))
         (tmp / "config.json").write_bytes(config_bytes)
@@ -85,12 +88,14 @@ def _leaf_names(unit: Plain | Quantized) -> list[str]:
 
 
 def _batches(all_units: list[Plain | Quantized], sizes: dict[str, int]) -> Iterator[list[Plain | Quantized]]:
+    """Units whose leaves load together: at most _LOAD_BYTES, or one larger unit alone."""
     batch, pending = [], 0
     for unit in all_units:
-        batch.append(unit)
-        pending += sum(sizes.get(n, 0) for n in _leaf_names(unit))
-        if pending >= _LOAD_BYTES:
+        size = sum(sizes.get(n, 0) for n in _leaf_names(unit))
+        if batch and pending + size > _LOAD_BYTES:
             yield batch
             batch, pending = [], 0
+        batch.append(unit)
+        pending += size
     if batch:
         yield batch

@@ -70,6 +70,11 @@ class FileLayout:
         return cls(shards, tuple(raw["order"]), raw["index_metadata"])
 
 
+def config_text(cfg: ModelConfig) -> str:
+    """`config.json` for a config that comes without its published file."""
+    return json.dumps(cfg.to_dict(), indent=2)
+
+
 def _group(name: str) -> str:
     """Which part of the model a tensor belongs to: embed, layers.{i}, head or mtp.0."""
     if name.startswith(("layers.", "mtp.")):

@@ -74,6 +74,12 @@ class Quantized:
         out, inp = self.weight.shape
         return (out, inp * 2) if self.fp4 else (out, inp)
 
+    @property
+    def dequantised_shape(self) -> tuple[int, ...]:
+        """One member's dequantised leaf: [out, in], or [groups, out / groups, in]."""
+        out, inp = self.logical_shape
+        return (self.groups, out // self.groups, inp) if self.groups else (out, inp)
+
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
@@ -110,7 +116,7 @@ def units(cfg: ModelConfig) -> list[Plain | Quantized]:
     return out
 
 
-def unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
+def _unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
     """The model-layout leaves one unit becomes."""
     if isinstance(unit, Plain):
         s = unit.spec
@@ -118,13 +124,10 @@ def unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool)
         return [Leaf(s.name, s.shape, dtype, s.nbytes, lambda pub, index: _read_plain(pub, s.name, index, dtype))]
     lead = (len(unit.members),) if unit.stacked else ()
     dequant = not keep_quantized or unit.groups > 0
-    if not dequant:
-        w_shape, w_dtype = unit.weight.shape, NUMPY_DTYPES[unit.weight.dtype]
-    elif unit.groups:
-        out, inp = unit.logical_shape
-        w_shape, w_dtype = (unit.groups, out // unit.groups, inp), np.dtype(cfg.dtype)
+    if dequant:
+        w_shape, w_dtype = unit.dequantised_shape, np.dtype(cfg.dtype)
     else:
-        w_shape, w_dtype = unit.logical_shape, np.dtype(cfg.dtype)
+        w_shape, w_dtype = unit.weight.shape, NUMPY_DTYPES[unit.weight.dtype]
     n = len(unit.members)
     return [
         Leaf(unit.name + ".weight", lead + w_shape, w_dtype, n * unit.weight.nbytes,
@@ -135,7 +138,7 @@ def unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool)
 
 
 def leaves(cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
-    return [leaf for unit in units(cfg) for leaf in unit_leaves(unit, cfg, keep_quantized)]
+    return [leaf for unit in units(cfg) for leaf in _unit_leaves(unit, cfg, keep_quantized)]
 
 
 def model_layout(cfg: ModelConfig, keep_quantized: bool) -> dict[str, jax.ShapeDtypeStruct]:
@@ -144,7 +147,7 @@ def model_layout(cfg: ModelConfig, keep_quantized: bool) -> dict[str, jax.ShapeD
 
 
 # ---------------------------------------------------------------------------- reading
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array on a 64-byte boundary: jax adopts such host buffers on the
     CPU without a copy, so a converted leaf exists once in memory, not twice."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -159,7 +162,7 @@ def _window(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]
 
 def _read_plain(pub: PublishedCheckpoint, name: str, index, dtype: np.dtype) -> np.ndarray:
     spec = pub.tensors[name].spec
-    out = aligned_empty(_window(index, spec.shape), dtype)
+    out = _aligned_empty(_window(index, spec.shape), dtype)
     if dtype == NUMPY_DTYPES[spec.dtype]:
         return pub.read(name, index, out=out)
     out[...] = pub.read(name, index)  # BF16 -> float32 runs, tid2eid int64 -> int32
@@ -174,7 +177,7 @@ def _members(unit: Quantized, index: tuple[slice, ...]) -> tuple[tuple[str, ...]
 
 
 def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.ndarray:
-    out = aligned_empty(_window(index, shape), np.float32)
+    out = _aligned_empty(_window(index, shape), np.float32)
     members, rest = _members(unit, index)
     for i, m in enumerate(members):
         (out[i] if unit.stacked else out)[...] = pub.read(m + ".scale", rest)  # E8M0 -> float32 is exact
@@ -184,7 +187,7 @@ def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.n
 def _read_weight(pub: PublishedCheckpoint, unit: Quantized, index, shape, dtype, dequant: bool) -> np.ndarray:
     members, rest = _members(unit, index)
     if not dequant:
-        out = aligned_empty(_window(index, shape), dtype)
+        out = _aligned_empty(_window(index, shape), dtype)
         for i, m in enumerate(members):
             pub.read(m + ".weight", rest, out=out[i] if unit.stacked else out)
         return out
@@ -211,8 +214,8 @@ def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...],
     lo_c, hi_c = c0 // block_c * block_c, min(-(-c1 // block_c) * block_c, n_cols)
     code_window = (slice(lo_r, hi_r), slice(lo_c // pack, hi_c // pack))
     scale_window = (slice(lo_r // block_r, -(-hi_r // block_r)), slice(lo_c // block_c, -(-hi_c // block_c)))
-    codes = aligned_empty((len(members), hi_r - lo_r, (hi_c - lo_c) // pack), NUMPY_DTYPES[unit.weight.dtype])
-    scales = aligned_empty((len(members),) + _window(scale_window, unit.scale.shape), NUMPY_DTYPES[unit.scale.dtype])
+    codes = _aligned_empty((len(members), hi_r - lo_r, (hi_c - lo_c) // pack), NUMPY_DTYPES[unit.weight.dtype])
+    scales = _aligned_empty((len(members),) + _window(scale_window, unit.scale.shape), NUMPY_DTYPES[unit.scale.dtype])
     for i, m in enumerate(members):
         pub.read(m + ".weight", code_window, out=codes[i])
         pub.read(m + ".scale", scale_window, out=scales[i])
@@ -237,17 +240,9 @@ def encode(unit: Plain | Quantized, leaves: Mapping[str, np.ndarray]) -> Iterato
         yield s.name, value.astype(NUMPY_DTYPES[s.dtype])
         return
     lead = (len(unit.members),) if unit.stacked else ()
-    weights = leaves.get(unit.name + ".weight")
-    if weights is None:
-        raise CheckpointError(f"leaf {unit.name}.weight is missing")
+    weights = _leaf(leaves, unit.name + ".weight")
     kept = weights.dtype == NUMPY_DTYPES[unit.weight.dtype]
-    if kept:
-        weights = _leaf(leaves, unit.name + ".weight", lead + unit.weight.shape)
-    else:
-        grouped = (unit.groups, unit.logical_shape[0] // unit.groups, unit.logical_shape[1]) if unit.groups else ()
-        if weights.shape not in (lead + unit.logical_shape, lead + grouped):
-            raise CheckpointError(f"leaf {unit.name}.weight has shape {list(weights.shape)}, "
-                                  f"expected {list(lead + (grouped or unit.logical_shape))}")
+    _leaf(leaves, unit.name + ".weight", lead + (unit.weight.shape if kept else unit.dequantised_shape))
     scales = leaves.get(unit.name + ".scale")
     if scales is not None or kept:
         scales = _leaf(leaves, unit.name + ".scale", lead + unit.scale.shape)
@@ -259,11 +254,11 @@ def encode(unit: Plain | Quantized, leaves: Mapping[str, np.ndarray]) -> Iterato
         yield m + ".scale", quant.encode_e8m0(s) if unit.scale.dtype == "F8_E8M0" else np.asarray(s, np.float32)
 
 
-def _leaf(leaves: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _leaf(leaves: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if name not in leaves:
         raise CheckpointError(f"leaf {name} is missing")
     value = leaves[name]
-    if tuple(value.shape) != shape:
+    if shape is not None and tuple(value.shape) != shape:
         raise CheckpointError(f"leaf {name} has shape {list(value.shape)}, expected {list(shape)}")
     return value
 

@@ -10,13 +10,12 @@ numerically sane. Every tensor has its own generator seeded from (seed, name).
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from v4jax.checkpoint.layout import INDEX, FileLayout
+from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
 from v4jax.checkpoint.model_layout import Plain, Quantized, encode, units
 from v4jax.checkpoint.safetensors_format import ShardWriter
 from v4jax.checkpoint.staging import staging
@@ -35,7 +34,7 @@ def write_random_checkpoint(cfg: ModelConfig | str | Path, out_dir: str | Path, 
     layer per file, as published).
     """
     if isinstance(cfg, ModelConfig):
-        config_bytes = json.dumps(cfg.to_dict(), indent=2).encode()
+        config_bytes = config_text(cfg).encode()
     else:
         path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
         config_bytes, cfg = path.read_bytes(), ModelConfig.from_json(path)
@@ -67,9 +66,8 @@ def _split(unit: Plain | Quantized) -> list[Plain | Quantized]:
 
 def _random_leaves(unit: Plain | Quantized, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     if isinstance(unit, Quantized):  # dequantised values; encode picks the scales
-        rng = _rng(seed, unit.name)
-        shape = unit.logical_shape
-        return {unit.name + ".weight": WEIGHT_STD * rng.standard_normal(shape, np.float32)}
+        weight = WEIGHT_STD * _rng(seed, unit.name).standard_normal(unit.dequantised_shape, np.float32)
+        return {unit.name + ".weight": weight}
     return {unit.spec.name: _plain(unit.spec, cfg, _rng(seed, unit.spec.name))}
 
 

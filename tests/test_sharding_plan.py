@@ -1,0 +1,61 @@
+"""The memory plan: exact bytes at rest, compiled temporaries, mesh choice, the command line."""
+
+import argparse
+
+import jax
+import pytest
+from flax import nnx
+
+from v4jax import sharding as sh
+from v4jax.cli import main as cli_main
+from v4jax.config import ModelConfig
+from v4jax.sharding import plan
+
+
+def test_reduced_depth_keeps_every_layer_kind_and_the_mtp_block():
+    cfg = ModelConfig.from_json("configs/flash.json")
+    small = plan.reduced_depth(cfg, 2)
+    assert small.num_hidden_layers == 7  # [swa-hash] x2, [csa-hash] x1, [hca, csa] x2
+    assert {k.short() for s in small.layer_plan for k in s.unit} == {k.short() for s in cfg.layer_plan for k in s.unit}
+    assert small.compress_ratios[-1] == cfg.compress_ratios[-1]
+
+
+def test_bytes_at_rest_are_the_sum_of_shard_shapes():
+    cfg = ModelConfig.from_json("configs/flash.json", quantized=True)
+    abstract = plan.abstract_model(cfg)
+    mesh = sh.make_mesh("expert=8")
+    params, cache = plan.at_rest(abstract, mesh, "inference", batch=1, context=131072)
+    state = nnx.state(abstract)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    experts = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract, lambda p, _: "experts" in p)))
+    assert params == total - experts + experts // 8  # everything else is replicated on this mesh
+    assert 0.9e9 < cache < 1.0e9  # 128K tokens of Flash's compressed cache, one sequence, replicated
+
+
+def test_best_mesh_skips_meshes_the_rules_refuse():
+    cfg = ModelConfig.from_json("configs/tiny.json").replace(n_routed_experts=6)
+    best, params, cache = plan.best_mesh(plan.abstract_model(cfg), 8, "inference", 1, 4096)
+    assert 6 % best.shape["expert"] == 0  # 6 experts never split 4 or 8 ways
+    # quant_sim: F = 64 over tensor=2 would straddle the 128-wide FP8 activation blocks
+    assert best.shape["tensor"] == 1 and best.shape["expert"] * best.shape["sequence"] == 8
+    with pytest.raises(sh.ShardingError):
+        plan.at_rest(plan.abstract_model(cfg), sh.make_mesh("expert=4,sequence=2"), "inference", 1, 4096)
+
+
+@pytest.mark.slow
+def test_plan_command_prints_params_cache_and_compiled_temporaries(capsys):
+    args = argparse.Namespace(models=["configs/tiny.json"], weights=["bfloat16"], contexts=["1024"], devices=[8],
+                              fit=None, fit_sizes=[8], batch=1, chunk=64, temp_reps=1, json=None)
+    (p,) = plan.run(args)
+    assert p.devices == 8 and p.context == 1024
+    assert p.temp_depth == plan.reduced_depth(ModelConfig.from_json("configs/tiny.json"), 1).num_hidden_layers
+    assert p.prefill.temporaries > 0 and p.decode.temporaries > 0
+    assert p.peak == p.params + p.cache + max(p.prefill.temporaries, p.decode.temporaries)
+    out = capsys.readouterr().out
+    assert f"| tiny | bfloat16 | 1K | 8 | {p.mesh} |" in out
+
+
+def test_v4jax_plan_subcommand_is_registered(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["plan", "--help"])
+    assert "--fit" in capsys.readouterr().out
