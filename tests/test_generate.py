@@ -154,26 +154,10 @@ def test_generation_stops_at_max_len_and_rejects_prompts_that_do_not_fit(gen):
 
 
 # ---------------------------------------------------------------------------- command line and demo
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A two-layer random checkpoint in the published layout, with a word-level tokenizer.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from v4jax.checkpoint import write_random_checkpoint
-
-    raw = json.load(open("configs/tiny.json"))
-    raw.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)
-    path = write_random_checkpoint(ModelConfig.from_dict(raw), tmp_path_factory.mktemp("ckpt") / "tiny")
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(raw["vocab_size"])}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
-
-
-def test_cli_generate_completes_a_batch_of_text_and_raw_ids(ckpt, capsys):
+def test_cli_generate_completes_a_batch_of_text_and_raw_ids(word_ckpt, capsys):
     from v4jax import cli
 
-    cli.main(["generate", "--ckpt", str(ckpt), "--ids", "5,9,200", "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
+    cli.main(["generate", "--ckpt", str(word_ckpt), "--ids", "5,9,200", "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
               "--temperature", "0"])
     out, err = capsys.readouterr()
     lines = out.splitlines()

@@ -86,6 +86,22 @@ def test_create_sharded_model_is_born_sharded_with_the_eager_models_values(eager
         np.testing.assert_allclose(np.asarray(value), initial[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+def test_optimizer_moments_are_sharded_like_their_parameters(eager_model):
+    from v4jax import train
+
+    mesh = sh.make_mesh("fsdp=2,expert=4")
+    model = sh.shard_model(copy(eager_model[0]), mesh, "training")
+    params = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    moments = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(train.make_optimizer(model)))
+               if "mu" in path or "nu" in path}  # opt_state / ... / mu|nu / <parameter path>
+    assert len(moments) == 2 * len(params)
+    for path, moment in moments.items():
+        param = params[path[path.index("mu" if "mu" in path else "nu") + 1:]]
+        assert moment.sharding.is_equivalent_to(param.sharding, param.ndim), path
+    w1 = next(m for p, m in moments.items() if "w1" in p and "experts" in p)
+    assert w1.sharding.shard_shape(w1.shape)[-3] == w1.shape[-3] // 4  # experts split 4 ways, moments too
+
+
 def test_prefill_and_decode_with_a_sequence_split_cache_equal_the_unsharded_forward(eager_model, ids, want_logits):
     """Compressed entries (and indexer keys) of each sequence are split over 2 devices, so the
     indexer's top-k runs as local top-k + all-gather + global top-k: a 150-token prefill (37

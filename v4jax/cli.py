@@ -61,14 +61,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
         from v4jax import data, evaluate
 
-        model, tokenizer = _load(args.ckpt, args.mesh)
+        model, tokenizer, on_mesh = _load(args.ckpt, args.mesh)
         records = data.read_records(args.data)
-        if records and "context" in records[0]:
-            for score in evaluate.loglikelihood(model, data.scoring_requests(args.data, tokenizer), args.batch):
-                print(json.dumps({"loglikelihood": score.loglikelihood, "is_greedy": score.is_greedy}))
-        else:
-            print(json.dumps(evaluate.perplexity(model, data.documents(args.data, tokenizer), args.max_len,
-                                                 args.batch)))
+        with on_mesh:
+            if records and "context" in records[0]:
+                requests = data.scoring_requests(args.data, tokenizer)
+                for score in evaluate.loglikelihood(model, requests, args.batch):
+                    print(json.dumps({"loglikelihood": score.loglikelihood, "is_greedy": score.is_greedy}))
+            else:
+                documents = data.documents(args.data, tokenizer)
+                print(json.dumps(evaluate.perplexity(model, documents, args.max_len, args.batch)))
 
     p.set_defaults(run=run)
 
@@ -92,18 +94,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         from v4jax import data, train
 
-        model, tokenizer = _load(args.ckpt, args.mesh, rules="training", remat=args.remat)
-        opt = train.make_optimizer(model, args.lr)
-        checkpoints = train.Checkpoints(args.out)
-        step = checkpoints.restore(model, opt) if checkpoints.latest_step() is not None else 0
-        batches = train.packed_batches(data.documents(args.data, tokenizer), args.seq_len, args.batch, seed=step)
-        while step < args.steps:
-            ids, mask = next(batches)
-            metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight)
-            step += 1
-            print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
-            if step % args.save_every == 0 or step == args.steps:
-                checkpoints.save(step, model, opt)
+        model, tokenizer, on_mesh = _load(args.ckpt, args.mesh, rules="training", remat=args.remat)
+        with on_mesh:  # the optimizer's moments follow their parameters, its step count lands on the mesh
+            opt = train.make_optimizer(model, args.lr)
+            checkpoints = train.Checkpoints(args.out)
+            step = checkpoints.restore(model, opt) if checkpoints.latest_step() is not None else 0
+            batches = train.packed_batches(data.documents(args.data, tokenizer), args.seq_len, args.batch, seed=step)
+            while step < args.steps:
+                ids, mask = next(batches)
+                metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight)
+                step += 1
+                print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
+                if step % args.save_every == 0 or step == args.steps:
+                    checkpoints.save(step, model, opt)
 
     p.set_defaults(run=run)
 
@@ -129,16 +132,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
         if not args.prompt and not args.ids:
             raise SystemExit("v4jax generate: give --prompt TEXT or --ids 1,2,3")
-        model, tokenizer = _load(args.ckpt, args.mesh)
+        from v4jax.sharding import make_mesh
+
+        model, tokenizer, _ = _load(args.ckpt, args.mesh)  # the Generator applies the rules itself
         if args.prompt and tokenizer is None:
             raise SystemExit(f"v4jax generate: {args.ckpt} has no tokenizer.json; use --ids")
         prompts = [[int(t) for t in ids.split(",")] for ids in args.ids]
         prompts += [tokenizer.encode(text).ids for text in args.prompt]
-        mesh = None
-        if args.mesh:
-            from v4jax.sharding import make_mesh
-
-            mesh = make_mesh(args.mesh)
+        mesh = make_mesh(args.mesh) if args.mesh else None
         print_generation(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                          sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
                          stop_tokens=stop_tokens_of(args.ckpt), quantized_cache=not args.bf16_cache, mesh=mesh)
@@ -228,16 +229,20 @@ def _mesh_sharding(args: argparse.Namespace):
 
 
 def _load(ckpt: str, mesh_spec: str | None, rules: str = "inference", remat: bool = False):
-    """A model (under `rules` on the mesh, if given) and the checkpoint's tokenizer (None if it has none)."""
-    from v4jax import data, load_pretrained
-    from v4jax.sharding import make_mesh
+    """(model, tokenizer or None, context): the model placed by `rules` on the mesh `mesh_spec` names,
+    and a context that runs it there under those rules (a no-op context without a mesh)."""
+    import contextlib
 
-    model = load_pretrained(ckpt, mesh=make_mesh(mesh_spec) if mesh_spec else None, rules=rules, remat=remat)
+    from v4jax import data, load_pretrained
+    from v4jax.sharding import make_mesh, use_rules
+
+    mesh = make_mesh(mesh_spec) if mesh_spec else None
+    model = load_pretrained(ckpt, mesh=mesh, rules=rules, remat=remat)
     try:
         tokenizer = data.load_tokenizer(ckpt)
     except FileNotFoundError:
         tokenizer = None
-    return model, tokenizer
+    return model, tokenizer, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
 
 if __name__ == "__main__":

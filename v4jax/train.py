@@ -44,6 +44,8 @@ def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
 
 
 def make_optimizer(model, learning_rate: float = 1e-4, weight_decay: float = 0.0, clip: float = 1.0):
+    """AdamW over the nnx.Param leaves. The moments take their parameters' shardings; for a sharded
+    model call this under `use_rules` (or `jax.set_mesh`) so the scalar step count is on the mesh too."""
     tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
