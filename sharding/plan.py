@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.resources
 import json
 import math
 import os
@@ -27,9 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
+from v4jax.sharding.experts import check_expert_layout
 from v4jax.sharding.mesh import describe, make_mesh
 from v4jax.sharding.placement import bytes_per_device, shard_cache, shard_model
-from v4jax.sharding.experts import check_expert_layout
 from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
 
 
@@ -239,7 +240,7 @@ def format_fits(fits, capacities_gb: Sequence[float]) -> str:
 
 
 CONTEXTS = {"128K": 131072, "1M": 1048576}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (editable install)
+CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace, log=print) -> list[MemoryPlan]:
     simulate_devices(max(args.fit_sizes if args.fit else args.devices))
     plans, fits = [], []
     for name in args.models:
-        path = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
+        path = Path(name) if name.endswith(".json") else Path(str(CONFIGS / f"{name}.json"))
         for weights in args.weights:
             cfg = ModelConfig.from_json(path, quantized=weights == "quantized")
             for ctx in args.contexts:

@@ -37,14 +37,15 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def tokens(value, tokenizer, where: str) -> list[int]:
-    """A field's token ids: a list of ints as is, a string through the tokenizer."""
+def tokens(value, tokenizer, where: str, special: bool = True) -> list[int]:
+    """A field's token ids: a list of ints as is, a string through the tokenizer (with its special
+    tokens, i.e. DeepSeek's BOS, where `special`: a text that starts a sequence)."""
     if isinstance(value, list) and all(isinstance(t, int) for t in value):
         return value
     if isinstance(value, str):
         if tokenizer is None:
             raise ValueError(f"{where}: text needs the checkpoint's tokenizer.json")
-        return tokenizer.encode(value, add_special_tokens=False).ids
+        return tokenizer.encode(value, add_special_tokens=special).ids
     raise ValueError(f"{where}: expected a list of token ids or a string")
 
 
@@ -60,11 +61,13 @@ def documents(path: str | Path, tokenizer=None) -> list[list[int]]:
 
 
 def scoring_requests(path: str | Path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) token lists of records with those two fields."""
+    """(context, continuation) token lists of records with those two fields; a text continuation is
+    encoded without special tokens, as it continues the context."""
     out = []
     for i, record in enumerate(read_records(path), 1):
         if "context" not in record or "continuation" not in record:
             raise ValueError(f"{path}: record {i} needs 'context' and 'continuation'")
-        out.append(tuple(tokens(record[k], tokenizer, f"{path}: record {i} field {k!r}")
-                         for k in ("context", "continuation")))
+        where = f"{path}: record {i} field"
+        out.append((tokens(record["context"], tokenizer, f"{where} 'context'"),
+                    tokens(record["continuation"], tokenizer, f"{where} 'continuation'", special=False)))
     return out
