@@ -19,6 +19,7 @@ from v4jax.sharding.placement import (
     checkpoint_sharding,
     create_sharded_cache,
     create_sharded_model,
+    fetch,
     param_axes,
     shard_cache,
     shard_model,
@@ -40,6 +41,6 @@ from v4jax.sharding.rules import (
 __all__ = [
     "AXES", "INFERENCE", "RULE_SETS", "TRAINING", "Layout", "MeshError", "ShardingError", "active_rules",
     "bytes_per_device", "cache_shardings", "checkpoint_sharding", "constrain", "create_sharded_cache",
-    "create_sharded_model", "describe", "expert_dispatch", "get_rules", "logical_to_spec", "make_mesh",
+    "create_sharded_model", "describe", "expert_dispatch", "fetch", "get_rules", "logical_to_spec", "make_mesh",
     "param_axes", "parse_mesh_spec", "shard_cache", "shard_model", "state_shardings", "top_k", "use_rules",
 ]

@@ -12,7 +12,9 @@ import math
 from collections.abc import Callable, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from v4jax import weights
@@ -129,3 +131,12 @@ def bytes_per_device(tree) -> int:
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
         total += math.prod(shape) * x.dtype.itemsize
     return total
+
+
+def fetch(x) -> np.ndarray:
+    """The whole value of an array on every process: a plain read where this process holds all of
+    it, an all-gather across processes where it spans several (`jax.distributed`). A collective
+    there, so every process must fetch the same arrays in the same order."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,5 +1,5 @@
 """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives) give the
-single-process logits.
+single-process logits, and the `v4jax --distributed` launch converts and generates like one process.
 
 The test writes the tiny model's parameters to a file, starts two copies of this file
 as worker processes that build one 8-device mesh (data=2 spans the processes, experts
@@ -9,6 +9,7 @@ forward; process 0 writes the gathered logits.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -66,6 +67,39 @@ def test_two_processes_give_the_single_process_logits(tmp_path):
         assert w.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
     got = np.load(tmp_path / "logits.npy")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def launch(port: int, argv: list[str]) -> list[str]:
+    """Run `v4jax --distributed ... argv` as N_PROCESSES processes; their stdout, in process order."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "v4jax.cli", "--distributed", "--coordinator", f"localhost:{port}",
+                               "--num-processes", str(N_PROCESSES), "--process-id", str(i), *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(N_PROCESSES)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} of {argv[0]} failed:\n{err[-3000:]}"
+    return [out for out, _ in outs]
+
+
+def test_distributed_launch_converts_and_generates_like_one_process(word_ckpt, tmp_path, capsys):
+    """Every process reads only its devices' windows and saves its shards into one Orbax folder;
+    generation then fetches the batch-split tokens across processes; only process 0 prints."""
+    from v4jax import cli
+
+    converted = tmp_path / "converted"
+    launch(free_port(), ["convert", str(word_ckpt), str(converted), "--mesh", MESH])
+    args = ["generate", "--ids", "5,9,200", "--ids", "7,7", "--max-new-tokens", "5", "--temperature", "0"]
+    out = launch(free_port(), [*args, "--ckpt", str(converted), "--mesh", MESH])
+    cli.main([*args, "--ckpt", str(word_ckpt)])  # one process, one device, straight from the published folder
+    want = capsys.readouterr().out.splitlines()
+    # completions are the "[i] ..." lines (gloo writes its own connection lines to the same stdout)
+    got = [[line for line in o.splitlines() if re.match(r"\[\d\] ", line)] for o in out]
+    assert got == [want, []] and len(want) == 2
 
 
 def worker(process_id: int, port: int, folder: Path) -> None:

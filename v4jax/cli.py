@@ -204,12 +204,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _join(args: argparse.Namespace) -> None:
-    """jax.distributed.initialize; CPU devices exchange collectives over gloo (other backends ignore it)."""
+    """jax.distributed.initialize (CPU devices exchange collectives over gloo; other backends ignore
+    it). Every process runs the command; only process 0 prints its results."""
+    import os
+    import sys
+
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
+    if jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def _mesh_sharding(args: argparse.Namespace):

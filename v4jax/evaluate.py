@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax.sharding import fetch
+
 
 def token_logprobs(logits, targets):
     """logits: [batch, T, vocab] float32, targets: [batch, T] -> log p(target): [batch, T], greedy hit [batch, T]."""
@@ -53,7 +55,7 @@ def score_spans(model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple
         ids = np.full((batch_size, width), pad_id, np.int32)
         for row, i in enumerate(chunk):
             ids[row, :len(sequences[i])] = sequences[i]
-        logp, greedy = (np.asarray(a) for a in _score(model, jnp.asarray(ids)))
+        logp, greedy = (fetch(a) for a in _score(model, jnp.asarray(ids)))
         for row, i in enumerate(chunk):
             a, b = spans[i]
             if not 1 <= a <= b <= len(sequences[i]):

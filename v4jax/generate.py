@@ -30,7 +30,7 @@ from flax import nnx
 from v4jax.cache import init_cache
 from v4jax.evaluate import bucket
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
-from v4jax.sharding import cache_shardings, use_rules
+from v4jax.sharding import cache_shardings, fetch, use_rules
 
 
 class Controls(NamedTuple):
@@ -142,7 +142,7 @@ class Generator:
         if len(tokens) != self.batch_size:
             raise ValueError(f"{len(tokens)} rows for a batch of {self.batch_size}")
         lens = np.array([len(t) for t in tokens])
-        full = np.flatnonzero(np.asarray(state["pos"]) + lens > self.max_len)
+        full = np.flatnonzero(fetch(state["pos"]) + lens > self.max_len)
         if full.size:
             raise ValueError(f"sequence {full[0]}: {lens[full[0]]} more tokens do not fit in max_len {self.max_len}")
         chunk = self.prefill_chunk
@@ -155,15 +155,15 @@ class Generator:
                 ids[b, :n[b]] = tokens[b][c * chunk:c * chunk + n[b]]
             drawn, logits, state = self._run(state, ids, n, controls)
             ends = (n > 0) & (lens <= (c + 1) * chunk)
-            next_tokens = np.where(ends, np.asarray(drawn), next_tokens)
-            last_logits = logits if last_logits is None else jnp.where(jnp.asarray(ends)[:, None], logits, last_logits)
+            next_tokens = np.where(ends, fetch(drawn), next_tokens)
+            last_logits = logits if last_logits is None else _where_rows(ends, logits, last_logits)
         return next_tokens, last_logits, state
 
     def decode(self, state, tokens: np.ndarray, active: np.ndarray, controls: Controls):
         """Feed one token per active sequence -> (next tokens [batch], their logits [batch, vocab], state)."""
         ids = np.asarray(tokens, np.int32).reshape(self.batch_size, 1)
         drawn, logits, state = self._run(state, ids, np.asarray(active, np.int32), controls)
-        return np.asarray(drawn), logits, state
+        return fetch(drawn), logits, state
 
     # ------------------------------------------------------------------ whole requests
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=Sampling(), seed: int = 0,
@@ -213,6 +213,12 @@ class Generator:
         if steps > 1:
             result.decode_seconds += time.perf_counter() - t0
         result.sequences += [Completion(o, r) for o, r in zip(out, reason)]
+
+
+@jax.jit
+def _where_rows(rows, new, old):
+    """rows: [batch] bool -> new where rows else old, [batch, ...] (jitted: the logits may span processes)."""
+    return jnp.where(rows[:, None], new, old)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
 from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
-from v4jax.checkpoint.staging import check_absent, staging
+from v4jax.checkpoint.staging import check_absent, is_primary, staging
 from v4jax.config import ModelConfig
 
 STATE = "state"
@@ -62,13 +62,14 @@ def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtyp
     cfg = published.cfg.replace(dtype=dtype)
     plan = leaves(cfg, keep_quantized)
     with staging(dst) as tmp:
-        for name in ("config.json",) + COMPANION_FILES:
-            if (published.path / name).is_file():
-                shutil.copyfile(published.path / name, tmp / name)
-        (tmp / INFO).write_text(json.dumps({"dtype": dtype, "keep_quantized": keep_quantized}))
-        (tmp / LAYOUT).write_text(published.layout.to_json())
+        if is_primary():  # files that exist once; every process saves its own shards through Orbax
+            for name in ("config.json",) + COMPANION_FILES:
+                if (published.path / name).is_file():
+                    shutil.copyfile(published.path / name, tmp / name)
+            (tmp / INFO).write_text(json.dumps({"dtype": dtype, "keep_quantized": keep_quantized}))
+            (tmp / LAYOUT).write_text(published.layout.to_json())
         bar = tqdm(total=sum(leaf.source_bytes for leaf in plan), unit="B", unit_scale=True,
-                   desc=f"convert {published.path.name}", disable=not progress)
+                   desc=f"convert {published.path.name}", disable=not (progress and is_primary()))
         with bar, orbax_context():
             _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar)
             ocp.partial.finalize(tmp / STATE)

@@ -36,9 +36,12 @@ _LOAD_BYTES = 256 * 2**20
 def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: ModelConfig | None = None,
            progress: bool = True) -> Path:
     """Write the published checkpoint folder `dst` from a converted folder or a flat dict
-    (which needs `cfg`)."""
+    (which needs `cfg`). One process writes it: leaves are gathered on its host a batch at a time."""
     dst = Path(dst)
     check_absent(dst)
+    if jax.process_count() > 1:
+        raise CheckpointError(f"{dst}: export runs as a single process, not under jax.distributed "
+                              f"({jax.process_count()} processes)")
     source = "flat dict" if isinstance(src, Mapping) else str(src)
     if isinstance(src, Mapping):
         if cfg is None:

@@ -219,7 +219,7 @@ def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...],
     for i, m in enumerate(members):
         pub.read(m + ".weight", code_window, out=codes[i])
         pub.read(m + ".scale", scale_window, out=scales[i])
-    with jax.default_device(jax.devices("cpu")[0]):  # host-side decoding, whatever the default backend
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host-side decoding, whatever the default backend
         values = np.asarray(_dequant(codes, scales, dtype=dtype))
     if (lo_r, hi_r, lo_c, hi_c) == (r0, r1, c0, c1):
         return values
@@ -265,7 +265,7 @@ def _leaf(leaves: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...] | 
 
 def _requantize(w: np.ndarray, stored: np.ndarray | None, fp4: bool) -> tuple[np.ndarray, np.ndarray]:
     quantize = quant.quantize_fp4 if fp4 else quant.quantize_fp8
-    with jax.default_device(jax.devices("cpu")[0]):  # host work, whatever the default backend
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host work, whatever the default backend
         if stored is None:
             return quantize(w)
         # An unmodified weight fits its stored scales exactly; a block whose values outgrew
