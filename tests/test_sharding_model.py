@@ -147,4 +147,8 @@ def test_training_rules_give_the_unsharded_loss_and_gradients(eager_model, ids, 
         loss, grads = nnx.jit(loss_and_grads)(model, x, mask)
     assert abs(float(loss) - float(want_loss)) < 1e-5 * abs(float(want_loss))
     for (path, g), (_, w) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(want_grads)):
-        assert rel_err(g.get_value(), w.get_value()) < 1e-4, path
+        g, w = np.asarray(g.get_value()), np.asarray(w.get_value())
+        if not w.any():  # the indexer picks entries by top-k, which passes no gradient to its weights
+            np.testing.assert_array_equal(g, w, err_msg=str(path))
+            continue
+        assert rel_err(g, w) < 1e-4, path

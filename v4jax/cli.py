@@ -2,7 +2,8 @@
 
 Adding a subcommand is one function that registers its parser on the subparsers
 object and sets `run` (called with the parsed arguments), appended to COMMANDS.
-Library imports happen inside `run`, so `v4jax --help` stays instant.
+Heavier library imports (Orbax, tokenizers, the checkpoint package) happen inside `run`,
+so a command loads only what it uses.
 """
 
 from __future__ import annotations
