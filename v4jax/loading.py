@@ -1,10 +1,10 @@
 """`load_pretrained`: a ready model from a published checkpoint folder or a converted Orbax folder.
 
-Nothing is materialised whole on the host: the model is built abstractly, each
-checkpoint leaf is read straight onto its sharding (published: streamed from the
-memory-mapped safetensors; converted: restored by Orbax onto the target
-shardings, whatever mesh it was written from), and the per-layer leaves are
-stacked into the scan segments on device.
+Nothing is materialised whole on the host, nor twice on the devices: the model is
+built abstractly, each checkpoint leaf is read straight onto its sharding
+(published: streamed from the memory-mapped safetensors; converted: restored by
+Orbax in bounded batches onto the target shardings, whatever mesh it was written
+from) and written into its layer's slot of the scan stack before the next arrives.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference
     `dtype` and `quantized` (keep FP8/FP4 codes) default to bfloat16 / dequantised for a
     published folder and to what a converted folder was converted with.
     """
-    from v4jax.checkpoint import converted_config, iter_model_layout, load_flat, read_published
+    from v4jax.checkpoint import converted_config, iter_flat, iter_model_layout, read_published
 
     path = Path(path)
     published = (path / "model.safetensors.index.json").is_file()
@@ -52,16 +52,16 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     sharding_for = checkpoint_shardings(model, mesh, rules) if mesh is not None else None
     if published:
-        flat = dict(iter_model_layout(source, cfg, keep_quantized=cfg.quantized, sharding_for=sharding_for))
+        flat = iter_model_layout(source, cfg, keep_quantized=cfg.quantized, sharding_for=sharding_for)
     else:
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = {name: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                sharding=sharding_for(name, s.shape) if sharding_for else default)
                     for name, s in weights.flat_abstract(model).items()}
-        flat = load_flat(path, abstract)
-    weights.load_flat(model, flat)
+        flat = iter_flat(path, abstract)
+    weights.load_flat(model, flat)  # leaf by leaf into the scan stacks: never the model twice
     if mesh is not None:
         from v4jax.sharding import shard_model
 
-        shard_model(model, mesh, rules)  # stacked leaves onto their "layers"-prefixed shardings
+        shard_model(model, mesh, rules)  # moves nothing unless the rules split the stacked "layers" axis
     return model

@@ -10,11 +10,13 @@ leading axis; this module is the only place that knows how the two correspond.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax.config import ModelConfig
 
@@ -57,27 +59,49 @@ def to_flat(model: nnx.Module) -> dict[str, jax.Array]:
             for name, _, var, rep in _entries(model)}
 
 
-def load_flat(model: nnx.Module, flat: dict[str, jax.Array]) -> None:
-    """Set every parameter of `model` from a flat model-layout dict, in place.
+def load_flat(model: nnx.Module, flat: Mapping[str, jax.Array] | Iterable[tuple[str, jax.Array]]) -> None:
+    """Set every parameter of `model` from model-layout leaves, in place.
 
-    Extra entries (e.g. the FP8 scales a dequantised checkpoint keeps for export)
-    are ignored; a missing entry or a shape/dtype mismatch raises naming the tensor.
+    `flat` is a dict or an iterable of (name, array) pairs, consumed one at a time: a
+    leaf of a scanned parameter is written into its slot of the stack as it arrives, so
+    loading holds the model plus one leaf, never the model twice. Extra entries (e.g. the
+    FP8 scales a dequantised checkpoint keeps for export) are ignored; a missing entry or
+    a shape/dtype mismatch raises naming the tensor.
     """
-    stacks: dict[tuple, list] = {}
-    variables = {}
-    for name, path, var, rep in _entries(model):
-        if name not in flat:
-            raise KeyError(f"parameter {name} is missing from the checkpoint")
-        value = flat[name]
+    entries = {name: (path, var, rep) for name, path, var, rep in _entries(model)}
+    stacks: dict[tuple, tuple[nnx.Variable, jax.Array]] = {}  # state path -> (variable, stack being filled)
+    seen = set()
+    for name, value in flat.items() if isinstance(flat, Mapping) else flat:
+        if name not in entries:
+            continue
+        path, var, rep = entries[name]
         v = var.get_value()
         want = v.shape[1:] if rep is not None else v.shape
         if tuple(value.shape) != tuple(want) or value.dtype != v.dtype:
             raise ValueError(f"parameter {name}: checkpoint has {value.dtype}{list(value.shape)}, "
                              f"model expects {v.dtype}{list(want)}")
-        variables[path] = var
+        seen.add(name)
         if rep is None:
             var.set_value(value)
-        else:
-            stacks.setdefault(path, []).append(value)
-    for path, values in stacks.items():
-        variables[path].set_value(jnp.stack(values))
+            continue
+        if path not in stacks:  # [reps, ...] on the devices that hold the layers' leaves
+            stacks[path] = var, jnp.zeros(v.shape, v.dtype, device=_stacked(getattr(value, "sharding", None)))
+        stacks[path] = var, _put(stacks[path][1], value, rep)
+    missing = [name for name in entries if name not in seen]
+    if missing:
+        raise KeyError(f"parameter {missing[0]} is missing from the checkpoint ({len(missing)} missing)")
+    for var, stack in stacks.values():
+        var.set_value(stack)
+
+
+def _stacked(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """The sharding of a stack of leaves placed by `sharding`: the new leading axis whole."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+    return sharding
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(stack, value, rep):
+    """stack[rep] = value, in place (the stack is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stack, value, rep, 0)

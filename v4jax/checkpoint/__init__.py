@@ -7,7 +7,7 @@
     write_random_checkpoint(cfg, "/tmp/tiny")               # published layout, random weights
 """
 
-from v4jax.checkpoint.converter import convert, converted_config, iter_model_layout, load_flat
+from v4jax.checkpoint.converter import convert, converted_config, iter_flat, iter_model_layout, load_flat
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.exporter import export
 from v4jax.checkpoint.model_layout import model_layout
@@ -15,6 +15,6 @@ from v4jax.checkpoint.random import write_random_checkpoint
 from v4jax.checkpoint.reader import PublishedCheckpoint, read_published
 
 __all__ = [
-    "CheckpointError", "PublishedCheckpoint", "convert", "converted_config", "export", "iter_model_layout",
+    "CheckpointError", "PublishedCheckpoint", "convert", "converted_config", "export", "iter_flat", "iter_model_layout",
     "load_flat", "model_layout", "read_published", "write_random_checkpoint",
 ]

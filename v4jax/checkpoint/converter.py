@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -38,6 +40,7 @@ LAYOUT = "layout.json"
 # Leaves go to Orbax in saves of at most this many bytes (a larger leaf alone), so small
 # leaves share a save while memory stays at two saves' worth.
 _SAVE_BYTES = 256 * 2**20
+T = TypeVar("T")
 
 ShardingFor = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
@@ -82,27 +85,29 @@ def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.A
     and at most two batches are alive."""
     in_flight: list = []  # at most one (response, source bytes)
     try:
-        for batch, read in _batches(plan, place):
+        for group in byte_batches(plan, lambda leaf: leaf.nbytes, _SAVE_BYTES):
+            batch = {leaf.name: place(leaf) for leaf in group}
             _wait(in_flight, bar)
-            in_flight.append((ocp.partial.save_async(path, batch), read))
+            in_flight.append((ocp.partial.save_async(path, batch), sum(leaf.source_bytes for leaf in group)))
         _wait(in_flight, bar)
     finally:
         with contextlib.suppress(Exception):  # an error already on its way matters more
             _wait(in_flight, bar)
 
 
-def _batches(plan: list[Leaf], place: Callable[[Leaf], jax.Array]) -> Iterator[tuple[dict[str, jax.Array], int]]:
-    """(leaves, their source bytes) per save; a leaf is placed only once the batch before it is handed on."""
-    batch, pending, read = {}, 0, 0
-    for leaf in plan:
-        if batch and pending + leaf.nbytes > _SAVE_BYTES:
-            yield batch, read
-            batch, pending, read = {}, 0, 0
-        batch[leaf.name] = place(leaf)
-        pending += leaf.nbytes
-        read += leaf.source_bytes
+def byte_batches(items: Iterable[T], nbytes: Callable[[T], int], limit: int) -> Iterator[list[T]]:
+    """Consecutive items in lists of at most `limit` bytes (or one larger item alone); the next
+    list is only gathered once the previous one has been handed on."""
+    batch, pending = [], 0
+    for item in items:
+        size = nbytes(item)
+        if batch and pending + size > limit:
+            yield batch
+            batch, pending = [], 0
+        batch.append(item)
+        pending += size
     if batch:
-        yield batch, read
+        yield batch
 
 
 def _wait(in_flight: list, bar: tqdm) -> None:
@@ -145,6 +150,17 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
         target[name] = jax.ShapeDtypeStruct(have.shape, want.dtype, sharding=getattr(want, "sharding", None) or default)
     with orbax_context():
         return ocp.load(path / STATE, target)
+
+
+def iter_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct],
+              batch_bytes: int = _SAVE_BYTES) -> Iterator[tuple[str, jax.Array]]:
+    """`load_flat` a batch of at most `batch_bytes` (or one larger leaf) at a time: (name, leaf)
+    pairs for a consumer that lets each go before the next batch is restored."""
+    def nbytes(item: tuple[str, jax.ShapeDtypeStruct]) -> int:
+        return math.prod(item[1].shape) * np.dtype(item[1].dtype).itemsize
+
+    for group in byte_batches(abstract.items(), nbytes, batch_bytes):
+        yield from load_flat(path, dict(group)).items()
 
 
 def orbax_context() -> ocp.Context:

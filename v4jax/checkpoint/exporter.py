@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from v4jax.checkpoint.converter import LAYOUT, converted_config, load_flat
+from v4jax.checkpoint.converter import LAYOUT, byte_batches, converted_config, load_flat
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
 from v4jax.checkpoint.model_layout import Plain, Quantized, encode, model_layout, units
@@ -69,7 +69,8 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
                    for shard in layout.shards}
         bar = files.enter_context(tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True,
                                        desc=f"export {dst.name}", disable=not progress))
-        for batch in _batches(units(cfg), sizes):
+        for batch in byte_batches(units(cfg), lambda unit: sum(sizes.get(n, 0) for n in _leaf_names(unit)),
+                                  _LOAD_BYTES):
             values = load([n for unit in batch for n in _leaf_names(unit) if n in sizes])
             for unit in batch:
                 try:
@@ -88,17 +89,3 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
 
 def _leaf_names(unit: Plain | Quantized) -> list[str]:
     return [unit.spec.name] if isinstance(unit, Plain) else [unit.name + ".weight", unit.name + ".scale"]
-
-
-def _batches(all_units: list[Plain | Quantized], sizes: dict[str, int]) -> Iterator[list[Plain | Quantized]]:
-    """Units whose leaves load together: at most _LOAD_BYTES, or one larger unit alone."""
-    batch, pending = [], 0
-    for unit in all_units:
-        size = sum(sizes.get(n, 0) for n in _leaf_names(unit))
-        if batch and pending + size > _LOAD_BYTES:
-            yield batch
-            batch, pending = [], 0
-        batch.append(unit)
-        pending += size
-    if batch:
-        yield batch
