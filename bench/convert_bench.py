@@ -6,9 +6,11 @@ Measured side by side in one run, each with the source files evicted from the pa
 cache first (posix_fadvise), so every pass reads from disk:
 - a plain sequential read of the checkpoint files (the reference speed);
 - `convert` dequantised (bf16) and kept quantised, each in a fresh process that
-  reports its own peak RSS (ru_maxrss, which counts mapped file pages too);
+  reports its own peak RSS (VmHWM, which counts mapped file pages too);
 - a plain durable write (fsync) of as many bytes as the dequantised output, the
   ceiling a writer of that much data faces on this disk.
+- `load_pretrained` of the kept-quantised output, in a fresh process: peak RSS against
+  the model's bytes (the CPU device's memory is host memory here).
 Prints throughput as a fraction of the read, as a fraction of the I/O bound
 (read and durable write perfectly overlapped), and peak RSS against the largest tensor.
 """
@@ -69,18 +71,26 @@ def status(field: str) -> int:
     raise KeyError(field)
 
 
-def child(src: str, dst: str, keep_quantized: bool) -> None:
-    """One conversion in this fresh process; prints seconds and RSS figures as JSON."""
+def child(src: str, dst: str, mode: str) -> None:
+    """One conversion (mode "dequantised" / "keep") or one `load_pretrained` of the converted
+    folder `src` (mode "load") in this fresh process; prints seconds and RSS figures as JSON."""
     import jax
+    from flax import nnx
 
+    from v4jax import load_pretrained
     from v4jax.checkpoint import convert
 
     jax.devices()
     base = status("VmRSS")
     start = time.perf_counter()
-    convert(src, dst, keep_quantized=keep_quantized, progress=False)
+    figures = {}
+    if mode == "load":
+        model = load_pretrained(src)
+        figures["model_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    else:
+        convert(src, dst, keep_quantized=mode == "keep", progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "base_rss": base, "peak_rss": status("VmHWM")}))
+    print(json.dumps({"seconds": seconds, "base_rss": base, "peak_rss": status("VmHWM"), **figures}))
 
 
 def main() -> None:
@@ -89,7 +99,7 @@ def main() -> None:
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.child[2] == "keep")
+        return child(*args.child)
 
     import numpy as np
 
@@ -131,6 +141,10 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         result = json.loads(run.stdout.strip().splitlines()[-1])
         written = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+        if mode == "keep":  # load it back: the model once in memory, not once per layer and once stacked
+            run = subprocess.run([sys.executable, __file__, "--child", str(dst), "-", "load"],
+                                 capture_output=True, text=True, check=True)
+            load = json.loads(run.stdout.strip().splitlines()[-1])
         shutil.rmtree(dst)
         rows.append((mode, result, written))
     write_s = durable_write(args.dir / "write-test", out_bytes)
@@ -146,6 +160,10 @@ def main() -> None:
               f"{r['base_rss'] / gib:>7.2f}Gi {(r['peak_rss'] - largest) / gib:>20.2f}Gi")
     print("goals: throughput >= 0.8 of the plain read; peak RSS <= largest tensor + 1 GiB "
           f"(largest model-layout leaf: {largest_leaf / 2**20:.0f} MiB)")
+    above = load["peak_rss"] - load["base_rss"]
+    print(f"\nload_pretrained of the kept-quantised folder: {load['seconds']:.1f} s; model "
+          f"{load['model_bytes'] / gib:.2f} GiB, peak RSS above base {above / gib:.2f} GiB "
+          f"({above / load['model_bytes']:.2f}x the model)")
 
 
 if __name__ == "__main__":
