@@ -12,7 +12,7 @@ is a no-op, so the same model code runs on one device unchanged.
 
 from v4jax.sharding.experts import expert_dispatch
 from v4jax.sharding.kv import top_k
-from v4jax.sharding.mesh import AXES, MeshError, describe, make_mesh, parse_mesh_spec
+from v4jax.sharding.mesh import AXES, MeshError, describe, make_mesh, parse_mesh_spec, simulate_cpu_devices
 from v4jax.sharding.placement import (
     bytes_per_device,
     cache_shardings,
@@ -42,5 +42,6 @@ __all__ = [
     "AXES", "INFERENCE", "RULE_SETS", "TRAINING", "Layout", "MeshError", "ShardingError", "active_rules",
     "bytes_per_device", "cache_shardings", "checkpoint_sharding", "constrain", "create_sharded_cache",
     "create_sharded_model", "describe", "expert_dispatch", "fetch", "get_rules", "logical_to_spec", "make_mesh",
-    "param_axes", "parse_mesh_spec", "shard_cache", "shard_model", "state_shardings", "top_k", "use_rules",
+    "param_axes", "parse_mesh_spec", "shard_cache", "shard_model", "simulate_cpu_devices", "state_shardings",
+    "top_k", "use_rules",
 ]

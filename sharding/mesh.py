@@ -78,3 +78,11 @@ def describe(mesh: Mesh) -> str:
     """The non-trivial axes of a mesh as a spec string ("data=2,expert=4"; "single" for one device)."""
     parts = [f"{a}={n}" for a, n in mesh.shape.items() if n > 1]
     return ",".join(parts) or "single"
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Ask JAX for n CPU devices; possible only before its first computation (later calls change nothing)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
 from v4jax.sharding.experts import check_expert_layout
-from v4jax.sharding.mesh import describe, make_mesh
+from v4jax.sharding.mesh import describe, make_mesh, simulate_cpu_devices
 from v4jax.sharding.placement import bytes_per_device, shard_cache, shard_model
 from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
 
@@ -265,8 +265,9 @@ def simulate_devices(n: int) -> None:
     """Ask for n simulated CPU devices (before JAX starts its backend) and turn off XLA:CPU's
     loop-invariant code motion, which hoists whole-stack dtype conversions out of the layer
     loop: a CPU-only temporary that would otherwise dominate the plan."""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-                               " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
+    simulate_cpu_devices(n)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -1,6 +1,5 @@
 """Evaluation scores equal sums computed directly from the model's logits."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,6 +1,5 @@
 """Each piece of the math against the independent numpy oracle (tests/oracle.py)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -157,7 +157,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
 
     def run(args: argparse.Namespace) -> None:
-        from v4jax.demo import run_demo, simulate_cpu_devices
+        from v4jax.demo import run_demo
+        from v4jax.sharding import simulate_cpu_devices
 
         simulate_cpu_devices(8)
         run_demo(args.workdir, max_new_tokens=args.max_new_tokens)

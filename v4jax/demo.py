@@ -37,14 +37,6 @@ MESH = "data=2,expert=2,tensor=2"
 PROMPT_LENGTHS = (7, 40, 150, 300)  # one ends inside the first window, one crosses two 128-groups
 
 
-def simulate_cpu_devices(n: int) -> None:
-    """Ask JAX for n CPU devices; possible only before its first computation (later calls change nothing)."""
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-        pass
-
-
 def run_demo(workdir: str | Path | None = None, *, config: ModelConfig | None = None, mesh_spec: str = MESH,
              max_new_tokens: int = 32, seed: int = 0, out: TextIO | None = None) -> dict:
     """Run the pipeline (in `workdir`, or a temporary folder), print to `out` (default stdout), return its figures."""

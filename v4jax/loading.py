@@ -16,7 +16,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from v4jax import weights
-from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 
 
