@@ -104,7 +104,7 @@ def main() -> None:
     import numpy as np
 
     from v4jax.checkpoint import model_layout, read_published, write_random_checkpoint
-    from v4jax.checkpoint.errors import CheckpointError
+    from v4jax.errors import CheckpointError
     from v4jax.config import ModelConfig
 
     args.dir.mkdir(parents=True, exist_ok=True)

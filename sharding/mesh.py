@@ -21,11 +21,9 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from v4jax.errors import MeshError
+
 AXES = ("data", "fsdp", "expert", "tensor", "sequence")
-
-
-class MeshError(ValueError):
-    """A mesh spec that cannot be built on the available devices."""
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int], n_devices: int) -> dict[str, int]:

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from v4jax.errors import ShardingError
+
 MeshAxes = None | str | tuple[str, ...]
 
 # Serving: experts over expert (and over data, so DP-attention replicas share one
@@ -87,10 +89,6 @@ TRAINING: dict[str, MeshAxes] = {
 
 RULE_SETS: dict[str, dict[str, MeshAxes]] = {"inference": INFERENCE, "training": TRAINING}
 DISPATCH = ("gather", "a2a", "ragged")
-
-
-class ShardingError(ValueError):
-    """A rule set that cannot place a tensor on a mesh."""
 
 
 def get_rules(rules: str | Mapping[str, MeshAxes]) -> Mapping[str, MeshAxes]:

@@ -16,9 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config file or value that v4jax cannot run."""
+from v4jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

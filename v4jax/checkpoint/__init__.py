@@ -8,7 +8,7 @@
 """
 
 from v4jax.checkpoint.converter import convert, converted_config, iter_flat, iter_model_layout, load_flat
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.checkpoint.exporter import export
 from v4jax.checkpoint.model_layout import model_layout
 from v4jax.checkpoint.random import write_random_checkpoint

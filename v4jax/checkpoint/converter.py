@@ -28,7 +28,7 @@ import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 from tqdm import tqdm
 
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
 from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
 from v4jax.checkpoint.staging import check_absent, is_primary, staging

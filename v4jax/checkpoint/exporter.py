@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from v4jax.checkpoint.converter import LAYOUT, byte_batches, converted_config, load_flat
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
 from v4jax.checkpoint.model_layout import Plain, Quantized, encode, model_layout, units
 from v4jax.checkpoint.reader import COMPANION_FILES

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax import quant
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.checkpoint.reader import PublishedCheckpoint
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES
 from v4jax.config import ModelConfig

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, Shard
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES, read_header
 from v4jax.config import ConfigError, ModelConfig

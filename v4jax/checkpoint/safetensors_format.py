@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 from v4jax.inventory import ITEMSIZE, TensorSpec
 
 NUMPY_DTYPES = {

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from v4jax.checkpoint.errors import CheckpointError
+from v4jax.errors import CheckpointError
 
 
 def check_absent(dst: Path) -> None:
