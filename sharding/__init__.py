@@ -5,7 +5,7 @@ maps them to mesh axes. With no active rules every call the model makes into it
 is a no-op, so the same model code runs on one device unchanged.
 
     mesh = make_mesh("data=2,expert=4")
-    model = create_sharded_model(cfg, mesh, "inference")     # born sharded
+    model = v4jax.placement.create_sharded_model(cfg, mesh, "inference")   # born sharded
     with use_rules(mesh, "inference"):
         logits = jax.jit(lambda m, ids: m(ids))(model, ids)
 """
@@ -15,15 +15,12 @@ from v4jax.sharding.kv import top_k
 from v4jax.sharding.mesh import AXES, MeshError, describe, make_mesh, parse_mesh_spec, simulate_cpu_devices
 from v4jax.sharding.placement import (
     bytes_per_device,
-    cache_shardings,
-    checkpoint_sharding,
-    create_sharded_cache,
-    create_sharded_model,
     fetch,
     param_axes,
-    shard_cache,
+    place,
     shard_model,
     state_shardings,
+    tree_shardings,
 )
 from v4jax.sharding.rules import (
     INFERENCE,
@@ -40,8 +37,7 @@ from v4jax.sharding.rules import (
 
 __all__ = [
     "AXES", "INFERENCE", "RULE_SETS", "TRAINING", "Layout", "MeshError", "ShardingError", "active_rules",
-    "bytes_per_device", "cache_shardings", "checkpoint_sharding", "constrain", "create_sharded_cache",
-    "create_sharded_model", "describe", "expert_dispatch", "fetch", "get_rules", "logical_to_spec", "make_mesh",
-    "param_axes", "parse_mesh_spec", "shard_cache", "shard_model", "simulate_cpu_devices", "state_shardings",
-    "top_k", "use_rules",
+    "bytes_per_device", "constrain", "describe", "expert_dispatch", "fetch", "get_rules", "logical_to_spec",
+    "make_mesh", "param_axes", "parse_mesh_spec", "place", "shard_model", "simulate_cpu_devices",
+    "state_shardings", "top_k", "tree_shardings", "use_rules",
 ]

@@ -79,8 +79,13 @@ def describe(mesh: Mesh) -> str:
 
 
 def simulate_cpu_devices(n: int) -> None:
-    """Ask JAX for n CPU devices; possible only before its first computation (later calls change nothing)."""
+    """Ask JAX for n CPU devices; possible only before its first computation.
+
+    Raises MeshError if JAX has already started with another number of CPU devices.
+    """
     try:
         jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-        pass
+    except RuntimeError as e:
+        have = len(jax.devices("cpu"))
+        if have != n:
+            raise MeshError(f"cannot simulate {n} CPU devices: JAX already started with {have} ({e})") from e

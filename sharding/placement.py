@@ -1,15 +1,16 @@
-"""Placing parameters, caches and checkpoint tensors on a mesh by their logical axes.
+"""Placing any NNX module's parameters and any tree of arrays on a mesh by their logical axes.
 
 Parameters carry `logical_axes` metadata; stacked (scanned) layers add leading
-dims that are named "layers". Caches take their axes from `v4jax.cache.cache_axes`.
-Every function here goes through the one resolver (`rules.logical_to_spec`), so a
-rule that cannot be honoured raises, naming the tensor.
+dims that are named "layers". Every function here goes through the one resolver
+(`rules.logical_to_spec`), so a rule that cannot be honoured raises, naming the
+tensor. Nothing here knows the V4 model: placing the Transformer and its decode
+caches is `v4jax.placement`, one layer up.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -17,9 +18,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from v4jax import weights
-from v4jax.cache import cache_axes, init_cache
-from v4jax.config import ModelConfig
 from v4jax.sharding.rules import MeshAxes, get_rules, logical_to_spec
 
 Rules = str | Mapping[str, MeshAxes]
@@ -43,7 +41,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
     return nnx.map_state(one, state)
 
 
-def _place(tree, shardings):
+def place(tree, shardings):
     """device_put concrete leaves; attach the sharding to abstract (ShapeDtypeStruct) leaves."""
     def one(x, s):
         if isinstance(x, jax.ShapeDtypeStruct):
@@ -60,65 +58,19 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     sharding instead: the target to restore a checkpoint onto (Orbax) or to lower with.
     """
     state = nnx.state(model)
-    nnx.update(model, _place(state, state_shardings(state, mesh, rules)))
+    nnx.update(model, place(state, state_shardings(state, mesh, rules)))
     return model
 
 
-def create_sharded_model(cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int = 0) -> nnx.Module:
-    """Initialise a Transformer born sharded: one jit whose outputs land on their shards.
-
-    No device (or host) ever holds a whole parameter, so models larger than one
-    device can be created; the values equal `Transformer(cfg, rngs=nnx.Rngs(seed))`.
-    """
-    from v4jax.model import Transformer  # v4jax.model imports this package
-
-    def build():
-        return Transformer(cfg, rngs=nnx.Rngs(seed))
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    state = jax.jit(lambda: nnx.state(build()), out_shardings=state_shardings(abstract, mesh, rules))()
-    return nnx.merge(graphdef, state)
-
-
-def cache_shardings(state: dict, mesh: Mesh, rules: Rules) -> dict:
-    """NamedShardings for every array of a decode state (concrete or abstract)."""
+def tree_shardings(tree, axes, mesh: Mesh, rules: Rules, what: str = "array"):
+    """NamedShardings for a tree of (concrete or abstract) arrays, given a same-structured tree of
+    logical-axes tuples."""
     rules = get_rules(rules)
 
-    def one(path, axes, x):
-        what = f"cache {jax.tree_util.keystr(path)}"
-        return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules, what))
+    def one(path, names, x):
+        return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules, f"{what} {jax.tree_util.keystr(path)}"))
 
-    return jax.tree_util.tree_map_with_path(one, cache_axes(state), state, is_leaf=lambda a: isinstance(a, tuple))
-
-
-def shard_cache(state: dict, mesh: Mesh, rules: Rules) -> dict:
-    """A decode state placed on the mesh (abstract leaves get their sharding attached)."""
-    return _place(state, cache_shardings(state, mesh, rules))
-
-
-def create_sharded_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules: Rules) -> dict:
-    """An empty decode state born sharded (no host copy of the whole cache)."""
-    abstract = jax.eval_shape(lambda: init_cache(cfg, batch, max_len))
-    return jax.jit(lambda: init_cache(cfg, batch, max_len), out_shardings=cache_shardings(abstract, mesh, rules))()
-
-
-def checkpoint_sharding(model: nnx.Module, mesh: Mesh, rules: Rules) -> Callable[[str, tuple], NamedSharding]:
-    """`sharding_for(name, shape)` for the converter / loader: where a flat checkpoint tensor goes.
-
-    `name` is a flat model-layout name (`layers.7.ffn.experts.w1.weight`); `shape` its
-    shape, with any leading stacked dims (named "layers", replicated). `model` may be
-    abstract (nnx.eval_shape).
-    """
-    rules = get_rules(rules)
-    axes = weights.flat_axes(model)
-
-    def sharding_for(name: str, shape: tuple) -> NamedSharding:
-        if name not in axes:
-            raise KeyError(f"tensor {name} is not a parameter of the model")
-        full = ("layers",) * (len(shape) - len(axes[name])) + tuple(axes[name])
-        return NamedSharding(mesh, logical_to_spec(full, shape, mesh, rules, f"tensor {name}"))
-
-    return sharding_for
+    return jax.tree_util.tree_map_with_path(one, axes, tree, is_leaf=lambda a: isinstance(a, tuple))
 
 
 def bytes_per_device(tree) -> int:

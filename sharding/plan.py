@@ -30,7 +30,8 @@ from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
 from v4jax.sharding.experts import check_expert_layout
 from v4jax.sharding.mesh import describe, make_mesh, simulate_cpu_devices
-from v4jax.sharding.placement import bytes_per_device, shard_cache, shard_model
+from v4jax.placement import shard_cache
+from v4jax.sharding.placement import bytes_per_device, shard_model
 from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
 
 

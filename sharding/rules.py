@@ -14,7 +14,6 @@ mesh does not have, or has with size 1, leave their dims whole.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -142,16 +141,22 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh, a rule set and the expert-dispatch backend: everything placement depends on."""
+    """A mesh, a rule set and the expert-dispatch backend: everything placement depends on.
+
+    Hashable (the rule table is compared by its items), because the active Layout is
+    part of every jit cache key (see `use_rules`).
+    """
 
     mesh: Mesh
-    rules: Mapping[str, MeshAxes]
+    rules: Mapping[str, MeshAxes] = dataclasses.field(hash=False, compare=False)
     dispatch: str = "gather"
     capacity_factor: float | None = None
+    _rules_key: tuple = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         if self.dispatch not in DISPATCH:
             raise ShardingError(f"unknown expert dispatch {self.dispatch!r} (known: {', '.join(DISPATCH)})")
+        object.__setattr__(self, "_rules_key", tuple(sorted(self.rules.items())))
 
     def spec(self, axes, shape, what: str = "tensor") -> PartitionSpec:
         return logical_to_spec(axes, shape, self.mesh, self.rules, what)
@@ -167,12 +172,14 @@ class Layout:
         return math.prod(self.mesh.shape[a] for a in mesh_axes)
 
 
-_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("v4jax_layout", default=None)
+# A jit-keyed context (not a plain context variable): a function jitted once and called under
+# two layouts is traced and compiled once per layout instead of reusing the first placement.
+_ACTIVE = jax.make_user_context(None)
 
 
 def active_rules() -> Layout | None:
     """The Layout while `use_rules` is active, else None."""
-    return _ACTIVE.get()
+    return _ACTIVE.value
 
 
 @contextlib.contextmanager
@@ -180,25 +187,21 @@ def use_rules(mesh: Mesh, rules: str | Mapping[str, MeshAxes], *, dispatch: str 
               capacity_factor: float | None = None):
     """Trace the model under a mesh and rule set: activations are constrained, experts dispatched.
 
-    Placement is decided when a function is traced, so jit inside this context and
-    build a new jitted function for another layout (the mesh is also set as JAX's
-    context mesh, which keys jit's cache, but the rule table is not). `dispatch`:
-    "gather" (default; tokens gathered to the expert shards, results psum-scattered),
-    "a2a" (dense all_to_all with `capacity_factor`, None = never drop) or "ragged"
-    (ragged_all_to_all; TPU/GPU only). See experts.py.
+    Placement is decided when a function is traced; the active Layout (mesh, rule table,
+    dispatch) is part of jit's cache key, so one jitted function serves several layouts,
+    each with its own compiled program. `dispatch`: "gather" (default; tokens gathered to
+    the expert shards, results psum-scattered), "a2a" (dense all_to_all with
+    `capacity_factor`, None = never drop) or "ragged" (ragged_all_to_all; TPU/GPU only).
+    See experts.py.
     """
     layout = Layout(mesh, get_rules(rules), dispatch, capacity_factor)
-    token = _ACTIVE.set(layout)
-    try:
-        with jax.set_mesh(mesh):
-            yield layout
-    finally:
-        _ACTIVE.reset(token)
+    with _ACTIVE(layout), jax.set_mesh(mesh):
+        yield layout
 
 
 def constrain(x, axes: Sequence[str | None]):
     """with_sharding_constraint by logical axes; identity when no rules are active."""
-    layout = _ACTIVE.get()
+    layout = _ACTIVE.value
     if layout is None:
         return x
     what = f"activation {tuple(axes)} {x.dtype}{list(x.shape)}"

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from v4jax import placement
 from v4jax import sharding as sh
 from v4jax.cache import CACHE_AXES, init_cache
 from v4jax.config import ModelConfig
@@ -132,7 +133,7 @@ def test_cache_shardings_follow_cache_axes_and_long_context_splits_entries():
     cfg = ModelConfig.from_json("configs/tiny.json")
     mesh = sh.make_mesh("data=2,sequence=4")
     abstract = jax.eval_shape(lambda: init_cache(cfg, 2, 1024))
-    placed = sh.shard_cache(abstract, mesh, "inference")
+    placed = placement.shard_cache(abstract, mesh, "inference")
     csa = placed["layers"][1][0]  # [csa-hash] segment: [reps, batch, N, d]
     assert csa["entries"].sharding.spec == P(None, "data", "sequence", None)
     assert csa["index_keys"].sharding.spec == P(None, "data", "sequence", None)
@@ -144,7 +145,7 @@ def test_cache_shardings_follow_cache_axes_and_long_context_splits_entries():
 
 def test_checkpoint_sharding_places_flat_tensors_by_their_parameter_axes(tiny_abstract):
     mesh = sh.make_mesh("data=2,expert=4")
-    sharding_for = sh.checkpoint_sharding(tiny_abstract, mesh, "inference")
+    sharding_for = placement.checkpoint_sharding(tiny_abstract, mesh, "inference")
     assert sharding_for("layers.3.ffn.experts.w2.weight", (8, 128, 64)).spec == P(("data", "expert"), None, None)
     assert sharding_for("embed.weight", (512, 128)).spec == P(None, None)
     stacked = sharding_for("layers.3.ffn.experts.w2.weight", (2, 8, 128, 64))  # with a stacked "layers" dim

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from test_model import randomize
+from v4jax import placement
 from v4jax import sharding as sh
 from v4jax import weights
 from v4jax.config import ModelConfig
@@ -76,7 +77,7 @@ def test_sharded_logits_equal_unsharded_and_every_parameter_follows_its_rule(
 
 def test_create_sharded_model_is_born_sharded_with_the_eager_models_values(eager_model):
     mesh = sh.make_mesh("data=2,expert=4")
-    model = sh.create_sharded_model(CFG, mesh, "inference", seed=0)
+    model = placement.create_sharded_model(CFG, mesh, "inference", seed=0)
     w1 = model.layers[2][0].ffn.experts.w1.weight.get_value()
     assert w1.sharding.shard_shape(w1.shape) == (w1.shape[0], w1.shape[1] // 8, *w1.shape[2:])
     initial = eager_model[1]
@@ -112,7 +113,7 @@ def test_prefill_and_decode_with_a_sequence_split_cache_equal_the_unsharded_forw
     got = []
     with sh.use_rules(mesh, "inference"):
         step = jax.jit(lambda m, x, s: m.forward(x, s)[::2])
-        state = sh.create_sharded_cache(CFG, b, max_len, mesh, "inference")
+        state = placement.create_sharded_cache(CFG, b, max_len, mesh, "inference")
         logits, state = step(model, jnp.asarray(ids[:b, :prompt]), state)
         got.append(logits[:, -1])
         for t in range(prompt, prompt + 3):

@@ -30,7 +30,8 @@ from flax import nnx
 from v4jax.cache import init_cache
 from v4jax.evaluate import bucket
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
-from v4jax.sharding import cache_shardings, fetch, use_rules
+from v4jax.placement import cache_shardings
+from v4jax.sharding import fetch, use_rules
 
 
 class Controls(NamedTuple):

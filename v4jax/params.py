@@ -22,7 +22,7 @@ class Constant(nnx.Variable):
 
 
 class RouterBias(nnx.Variable):
-    """Aux-loss-free routing bias: used only for expert selection, updated outside the optimiser."""
+    """Aux-loss-free routing bias: used only for expert selection, never trained by gradients."""
 
 
 def param(value, axes: tuple[str | None, ...], kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
