@@ -77,6 +77,28 @@ def test_resolver_raises_on_non_divisible_dim_and_missing_rule():
         sh.get_rules("serving")
 
 
+def test_one_jitted_function_under_two_rule_sets_compiles_one_program_per_layout():
+    mesh = sh.make_mesh("data=2,tensor=4")
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(1)
+        return sh.constrain(x * 2, ("batch", "act_heads"))
+
+    x = jnp.ones((8, 8))
+    swapped = {**sh.INFERENCE, "batch": None, "act_heads": ("data", "tensor")}
+    with sh.use_rules(mesh, "inference"):
+        first = f(x)
+    with sh.use_rules(mesh, swapped):
+        second = f(x)
+    with sh.use_rules(mesh, dict(swapped)):  # an equal table is the same layout: no new trace
+        third = f(x)
+    assert first.sharding.spec == P("data", "tensor")
+    assert second.sharding.spec == P(None, ("data", "tensor")) == third.sharding.spec
+    assert len(traces) == 2
+
+
 @pytest.fixture(scope="module")
 def tiny_abstract():
     cfg = ModelConfig.from_json("configs/tiny.json", dtype="float32", quant_sim=False)
