@@ -7,6 +7,7 @@ from flax import nnx
 
 from v4jax import train, weights
 from v4jax.config import ModelConfig
+from v4jax.optim import OptimizerConfig
 from v4jax.model import Transformer
 
 
@@ -14,7 +15,7 @@ def test_train_steps_reduce_loss_touch_only_params_and_resume_exactly(tmp_path):
     cfg = ModelConfig.from_json("configs/tiny.json", dtype="float32", quant_sim=False, remat=True)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     before = weights.to_flat(model)
-    opt = train.make_optimizer(model, 3e-3)
+    opt = train.make_optimizer(model, OptimizerConfig(learning_rate=3e-3))
     ids = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
     mask = jnp.ones_like(ids)
     losses = [float(train.train_step(model, opt, ids, mask, mtp_weight=0.3)["loss"]) for _ in range(3)]
@@ -29,7 +30,7 @@ def test_train_steps_reduce_loss_touch_only_params_and_resume_exactly(tmp_path):
     checkpoints.save(3, model, opt)
     expected = train.train_step(model, opt, ids, mask, mtp_weight=0.3)
     fresh = Transformer(cfg, rngs=nnx.Rngs(7))
-    fresh_opt = train.make_optimizer(fresh, 3e-3)
+    fresh_opt = train.make_optimizer(fresh, OptimizerConfig(learning_rate=3e-3))
     assert checkpoints.restore(fresh, fresh_opt) == 3
     resumed = train.train_step(fresh, fresh_opt, ids, mask, mtp_weight=0.3)
     assert float(resumed["loss"]) == float(expected["loss"])

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from v4jax.evaluate import token_logprobs
+from v4jax.optim import OptimizerConfig, make_transform
 
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
@@ -43,11 +44,11 @@ def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
     return loss, metrics
 
 
-def make_optimizer(model, learning_rate: float = 1e-4, weight_decay: float = 0.0, clip: float = 1.0):
-    """AdamW over the nnx.Param leaves. The moments take their parameters' shardings; for a sharded
-    model call this under `use_rules` (or `jax.set_mesh`) so the scalar step count is on the mesh too."""
-    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Optimizer:
+    """The optimiser of `config` (v4jax.optim) over the nnx.Param leaves. The moments take their
+    parameters' shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so
+    the scalar step count is on the mesh too."""
+    return nnx.Optimizer(model, make_transform(config, nnx.state(model, nnx.Param)), wrt=nnx.Param)
 
 
 @nnx.jit(static_argnames="mtp_weight")
