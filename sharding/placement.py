@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from v4jax import weights
+from v4jax.checkpoint import weights
 from v4jax.cache import cache_axes, init_cache
 from v4jax.config import ModelConfig
 from v4jax.sharding.rules import MeshAxes, get_rules, logical_to_spec

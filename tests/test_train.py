@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax import train, weights
+from v4jax import train
+from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 

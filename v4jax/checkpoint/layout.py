@@ -14,7 +14,7 @@ import json
 
 from v4jax.checkpoint.safetensors_format import data_order
 from v4jax.config import ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 
 INDEX = "model.safetensors.index.json"
 

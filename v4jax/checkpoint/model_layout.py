@@ -12,7 +12,7 @@ A flat dict keyed by published names (no transposes: weights stay [out, in]):
   `….ffn.experts.w1.scale` [E, …] float32.
 
 Each published weight (with its scale) or stack of per-expert weights is one
-`Quantized` unit, everything else a `Plain` one. Leaves are read window by window
+`QuantizedUnit` unit, everything else a `PlainUnit` one. Leaves are read window by window
 (the slice a device holds) straight from the published files; `encode` is the
 inverse transform export uses.
 """
@@ -33,7 +33,7 @@ from v4jax.errors import CheckpointError
 from v4jax.checkpoint.reader import PublishedCheckpoint
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES
 from v4jax.config import ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w[123])\.weight")
 
@@ -51,12 +51,12 @@ def _dequant(codes, scale, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class Plain:
+class PlainUnit:
     spec: TensorSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class Quantized:
+class QuantizedUnit:
     name: str  # leaves `{name}.weight` and `{name}.scale`
     members: tuple[str, ...]  # published prefixes: one, or one per expert of a stack
     weight: TensorSpec  # of the first member
@@ -94,31 +94,31 @@ class Leaf:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
-def units(cfg: ModelConfig) -> list[Plain | Quantized]:
+def units(cfg: ModelConfig) -> list[PlainUnit | QuantizedUnit]:
     """The published inventory grouped into conversion units, in published order."""
     specs = published_tensors(cfg)
     by_name = {s.name: s for s in specs}
-    out: list[Plain | Quantized] = []
+    out: list[PlainUnit | QuantizedUnit] = []
     for s in specs:
         expert = _EXPERT.fullmatch(s.name)
         if expert and expert[2] == "0":  # the first expert opens the stack
             members = tuple(f"{expert[1]}.{e}.{expert[3]}" for e in range(cfg.n_routed_experts))
-            out.append(Quantized(f"{expert[1]}.{expert[3]}", members, s, by_name[members[0] + ".scale"],
+            out.append(QuantizedUnit(f"{expert[1]}.{expert[3]}", members, s, by_name[members[0] + ".scale"],
                                  stacked=True))
         elif expert or s.name.endswith(".scale"):
             continue
         elif s.dtype == "F8_E4M3":
             p = s.name.removesuffix(".weight")
-            out.append(Quantized(p, (p,), s, by_name[p + ".scale"],
+            out.append(QuantizedUnit(p, (p,), s, by_name[p + ".scale"],
                                  groups=cfg.o_groups if p.endswith("attn.wo_a") else 0))
         else:
-            out.append(Plain(s))
+            out.append(PlainUnit(s))
     return out
 
 
-def _unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
+def _unit_leaves(unit: PlainUnit | QuantizedUnit, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
     """The model-layout leaves one unit becomes."""
-    if isinstance(unit, Plain):
+    if isinstance(unit, PlainUnit):
         s = unit.spec
         dtype = {"BF16": np.dtype(cfg.dtype), "F32": np.dtype(np.float32), "I64": np.dtype(np.int32)}[s.dtype]
         return [Leaf(s.name, s.shape, dtype, s.nbytes, lambda pub, index: _read_plain(pub, s.name, index, dtype))]
@@ -169,14 +169,14 @@ def _read_plain(pub: PublishedCheckpoint, name: str, index, dtype: np.dtype) -> 
     return out
 
 
-def _members(unit: Quantized, index: tuple[slice, ...]) -> tuple[tuple[str, ...], tuple[slice, ...]]:
+def _members(unit: QuantizedUnit, index: tuple[slice, ...]) -> tuple[tuple[str, ...], tuple[slice, ...]]:
     """The published members a window covers, and the rest of the window."""
     if unit.stacked:
         return unit.members[index[0]], tuple(index[1:])
     return unit.members, tuple(index)
 
 
-def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.ndarray:
+def _read_scale(pub: PublishedCheckpoint, unit: QuantizedUnit, index, shape) -> np.ndarray:
     out = _aligned_empty(_window(index, shape), np.float32)
     members, rest = _members(unit, index)
     for i, m in enumerate(members):
@@ -184,7 +184,7 @@ def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.n
     return out
 
 
-def _read_weight(pub: PublishedCheckpoint, unit: Quantized, index, shape, dtype, dequant: bool) -> np.ndarray:
+def _read_weight(pub: PublishedCheckpoint, unit: QuantizedUnit, index, shape, dtype, dequant: bool) -> np.ndarray:
     members, rest = _members(unit, index)
     if not dequant:
         out = _aligned_empty(_window(index, shape), dtype)
@@ -202,7 +202,7 @@ def _read_weight(pub: PublishedCheckpoint, unit: Quantized, index, shape, dtype,
                      for g in range(*groups.indices(unit.groups))])
 
 
-def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...], rows: tuple[int, int],
+def _decode(pub: PublishedCheckpoint, unit: QuantizedUnit, members: tuple[str, ...], rows: tuple[int, int],
             cols: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     """Dequantised [member, r0:r1, c0:c1], decoded in one call over the enclosing scale
     blocks (128 x 128 for FP8, 1 x 32 for FP4). The decoder's output is the result itself
@@ -227,14 +227,14 @@ def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...],
 
 
 # ---------------------------------------------------------------------------- export
-def encode(unit: Plain | Quantized, leaves: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+def encode(unit: PlainUnit | QuantizedUnit, leaves: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     """Published tensors (name, array in the published numpy dtype) from model-layout leaves.
 
     A quantised weight given as codes is written as is; a dequantised one is
     re-encoded with its stored scales (which reproduces the original bytes of an
     unmodified weight) or, without them, with fresh power-of-two scales.
     """
-    if isinstance(unit, Plain):
+    if isinstance(unit, PlainUnit):
         s = unit.spec
         value = _leaf(leaves, s.name, s.shape)
         yield s.name, value.astype(NUMPY_DTYPES[s.dtype])

@@ -2,7 +2,7 @@
 
 `read_published` checks everything before a caller writes anything: the config,
 the index (entries confined to the folder), every file header (sizes, truncation,
-overlaps), every tensor's presence, dtype and shape against `v4jax.inventory`, and
+overlaps), every tensor's presence, dtype and shape against `v4jax.checkpoint.inventory`, and
 the values that conversion relies on (block scales are finite powers of two, the
 hash-routing table holds valid expert ids). Tensors are then read through short-lived
 memory maps of just the rows asked for, so memory stays bounded by what the caller
@@ -23,7 +23,7 @@ from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, Shard
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES, read_header
 from v4jax.config import ConfigError, ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors, total_bytes
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors, total_bytes
 
 # Files besides the weights that travel with a checkpoint through conversion and export.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.errors import CheckpointError
-from v4jax.inventory import ITEMSIZE, TensorSpec
+from v4jax.checkpoint.inventory import ITEMSIZE, TensorSpec
 
 NUMPY_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),

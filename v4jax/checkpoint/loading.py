@@ -15,15 +15,16 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from v4jax import weights
+from v4jax.checkpoint import weights
+from v4jax.checkpoint.converter import converted_config, iter_flat, iter_model_layout
+from v4jax.checkpoint.reader import read_published
 from v4jax.model import Transformer
+from v4jax.sharding import checkpoint_sharding, shard_model
 
 
 def checkpoint_shardings(model: nnx.Module, mesh: Mesh, rules="inference"):
     """sharding_for(name, shape) for checkpoint leaves: model parameters by the rules; the FP8
     scales a dequantised checkpoint keeps only for export are replicated."""
-    from v4jax.sharding import checkpoint_sharding
-
     for_model, params = checkpoint_sharding(model, mesh, rules), set(weights.flat_names(model))
     replicated = NamedSharding(mesh, PartitionSpec())
     return lambda name, shape: for_model(name, shape) if name in params else replicated
@@ -36,8 +37,6 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference
     `dtype` and `quantized` (keep FP8/FP4 codes) default to bfloat16 / dequantised for a
     published folder and to what a converted folder was converted with.
     """
-    from v4jax.checkpoint import converted_config, iter_flat, iter_model_layout, read_published
-
     path = Path(path)
     published = (path / "model.safetensors.index.json").is_file()
     if published:
@@ -60,7 +59,5 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference
         flat = iter_flat(path, abstract)
     weights.load_flat(model, flat)  # leaf by leaf into the scan stacks: never the model twice
     if mesh is not None:
-        from v4jax.sharding import shard_model
-
         shard_model(model, mesh, rules)  # moves nothing unless the rules split the stacked "layers" axis
     return model
