@@ -37,7 +37,7 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
            progress: bool = True) -> Path:
     """Write the published checkpoint folder `dst` from a converted folder or a flat dict
     (which needs `cfg`). One process writes it: leaves are gathered on its host a batch at a time."""
-    dst = Path(dst)
+    dst = Path(dst).absolute()
     check_absent(dst)
     if jax.process_count() > 1:
         raise CheckpointError(f"{dst}: export runs as a single process, not under jax.distributed "
@@ -50,9 +50,9 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
         sizes = {name: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for name, v in src.items()}
         load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
     else:
-        folder = Path(src)
+        folder = Path(src).absolute()
         cfg = converted_config(folder)
-        layout = FileLayout.from_json((folder / LAYOUT).read_text())
+        layout = FileLayout.from_json(folder / LAYOUT)
         config_bytes = (folder / "config.json").read_bytes()
         companions = [folder / n for n in COMPANION_FILES if (folder / n).is_file()]
         stored = model_layout(cfg, cfg.quantized)

@@ -160,12 +160,44 @@ def _window(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
 
+# Bit patterns that are not finite numbers: (mask, value) with bits & mask == value. E4M3 (the
+# "fn" variant) has no infinities; S.1111.111 is its NaN.
+_NOT_FINITE = {"BF16": (np.uint16, 0x7F80, 0x7F80), "F32": (np.uint32, 0x7F800000, 0x7F800000),
+               "F8_E4M3": (np.uint8, 0x7F, 0x7F)}
+
+
+def check_finite(pub: PublishedCheckpoint, name: str, raw: np.ndarray, origin: tuple[int, ...]) -> None:
+    """Refuse NaN / Inf (or an E4M3 NaN code) in a window of published tensor `name` that starts at
+    `origin`, naming its file and the first bad index. Runs on the window just read, while it is
+    in cache, as integer compares on the raw bits."""
+    loc = pub.tensors[name]
+    rule = _NOT_FINITE.get(loc.spec.dtype)
+    if rule is None or raw.size == 0:
+        return
+    view, mask, value = rule
+    bits = raw.view(view)
+    bad = (bits & view(mask)) == view(value)
+    if bad.any():
+        at = [int(i) + o for i, o in zip(np.argwhere(bad)[0], origin)]
+        raise CheckpointError(f"{loc.file}: tensor {name} holds a non-finite value "
+                              f"({'NaN code' if loc.spec.dtype == 'F8_E4M3' else 'NaN or Inf'}) at {at}; "
+                              "the model would compute NaN from it")
+
+
+def _origin(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s.indices(n)[0] for s, n in zip(index, shape))
+
+
 def _read_plain(pub: PublishedCheckpoint, name: str, index, dtype: np.dtype) -> np.ndarray:
     spec = pub.tensors[name].spec
     out = _aligned_empty(_window(index, spec.shape), dtype)
     if dtype == NUMPY_DTYPES[spec.dtype]:
-        return pub.read(name, index, out=out)
-    out[...] = pub.read(name, index)  # BF16 -> float32 runs, tid2eid int64 -> int32
+        pub.read(name, index, out=out)
+        check_finite(pub, name, out, _origin(index, spec.shape))
+        return out
+    raw = pub.read(name, index)
+    check_finite(pub, name, raw, _origin(index, spec.shape))
+    out[...] = raw  # BF16 -> float32 runs, tid2eid int64 -> int32
     return out
 
 
@@ -189,7 +221,8 @@ def _read_weight(pub: PublishedCheckpoint, unit: QuantizedUnit, index, shape, dt
     if not dequant:
         out = _aligned_empty(_window(index, shape), dtype)
         for i, m in enumerate(members):
-            pub.read(m + ".weight", rest, out=out[i] if unit.stacked else out)
+            codes = pub.read(m + ".weight", rest, out=out[i] if unit.stacked else out)
+            check_finite(pub, m + ".weight", codes, _origin(rest, unit.weight.shape))
         return out
     if not unit.groups:
         rows, cols = (s.indices(n)[:2] for s, n in zip(rest, shape[-2:]))
@@ -218,6 +251,7 @@ def _decode(pub: PublishedCheckpoint, unit: QuantizedUnit, members: tuple[str, .
     scales = _aligned_empty((len(members),) + _window(scale_window, unit.scale.shape), NUMPY_DTYPES[unit.scale.dtype])
     for i, m in enumerate(members):
         pub.read(m + ".weight", code_window, out=codes[i])
+        check_finite(pub, m + ".weight", codes[i], (lo_r, lo_c // pack))
         pub.read(m + ".scale", scale_window, out=scales[i])
     with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host-side decoding, whatever the default backend
         values = np.asarray(_dequant(codes, scales, dtype=dtype))
