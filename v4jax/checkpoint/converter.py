@@ -176,6 +176,7 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
                                   f"asked for {want.dtype}{list(want.shape)}")
         # Restored as stored (what the checksum covers), then cast on device.
         target[name] = jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=getattr(want, "sharding", None) or default)
+    _check_orbax_json(path / STATE)
     try:
         with orbax_context():
             restored = ocp.load(path / STATE, target)
@@ -184,6 +185,18 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
     checksum.verify(str(path / STATE), restored, recorded)
     return {name: a if a.dtype == abstract[name].dtype else a.astype(abstract[name].dtype)
             for name, a in restored.items()}
+
+
+# The JSON files Orbax keeps beside the array data; parsed first, so a damaged one is named.
+_ORBAX_JSON = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+
+
+def _check_orbax_json(state: Path) -> None:
+    if not state.is_dir():
+        raise CheckpointError(f"{state}: missing (not a converted v4jax checkpoint)")
+    for f in sorted(state.rglob("*")):
+        if f.name in _ORBAX_JSON or f.parent.name == "array_metadatas":
+            read_json(f)
 
 
 def _first_line(e: BaseException) -> str:

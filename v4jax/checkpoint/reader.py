@@ -89,6 +89,8 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
     expected = {s.name: s for s in published_tensors(cfg)}
     index_path = root / INDEX
     weight_map, index_metadata = _read_index(index_path)
+    for name, file in weight_map.items():  # every name checked before any file is opened
+        shard_file_name(file, index_path, f"weight_map[{name!r}]")
 
     for name in weight_map:
         if name not in expected:
@@ -142,8 +144,7 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
 
 
 def _shard_path(root: Path, file: str, index_path: Path, name: str) -> Path:
-    """The file an index entry names: a plain name inside the folder (followed if it is a symlink)."""
-    shard_file_name(file, index_path, f"weight_map[{name!r}]")
+    """The file a (checked, plain) index entry names inside the folder, followed if it is a symlink."""
     if not (root / file).is_file():
         raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which does not exist")
     return root / file
