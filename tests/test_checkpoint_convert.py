@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import oracle
-from v4jax import weights
+from v4jax.checkpoint import weights
 from v4jax.checkpoint import (CheckpointError, convert, converted_config, export, iter_model_layout, load_flat,
                               model_layout, read_published, write_random_checkpoint)
 from v4jax.cli import main as cli

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from v4jax import weights
+from v4jax.checkpoint import weights
 from v4jax.checkpoint import model_layout
 from v4jax.checkpoint.layout import FileLayout
 from v4jax.config import ModelConfig
-from v4jax.inventory import dtype_histogram, published_tensors, total_bytes
+from v4jax.checkpoint.inventory import dtype_histogram, published_tensors, total_bytes
 from v4jax.model import Transformer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -60,3 +60,79 @@ def test_missing_key_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=r"config.json: missing key 'q_lora_rank'"):
         ModelConfig.from_json(tmp_path)
+
+
+# ---------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("key, value, why", [
+    ("hidden_size", "128", "must be an integer"),
+    ("hidden_size", None, "must be an integer"),
+    ("hidden_size", 128.0, "must be an integer"),
+    ("num_attention_heads", True, "must be an integer"),  # bool is an int subclass in Python
+    ("num_attention_heads", 0, "must be positive"),
+    ("vocab_size", 0, "must be positive"),
+    ("vocab_size", -5, "must be positive"),
+    ("hidden_size", 0, "must be positive"),
+    ("o_groups", 0, "must be positive"),
+    ("index_n_heads", 0, "must be positive"),
+    ("n_routed_experts", 0, "must be positive"),
+    ("hc_mult", 0, "must be positive"),
+    ("index_topk", False, "must be an integer"),
+    ("num_hash_layers", -1, "must not be negative"),
+    ("rope_theta", "1e4", "must be a finite number"),
+    ("rms_norm_eps", True, "must be a finite number"),
+    ("compress_rope_theta", 1, "must exceed 1"),
+    ("compress_ratios", [0, 4, 128, 4, 128, 4, True], "must be a list of integers"),
+    ("index_head_dim", 32, "must be at least qk_rope_head_dim"),
+])
+def test_wrong_type_or_impossible_size_names_the_key_and_why(key, value, why):
+    with pytest.raises(ConfigError, match=rf"cfg\.json: key '{key}' = .*: {why}"):
+        ModelConfig.from_dict(_raw(**{key: value}), source="cfg.json")
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("factor", "16", "must be a finite number"), ("original_max_position_embeddings", 65536.5, "positive integer"),
+    ("beta_slow", 0, "must be positive"), ("factor", 0.5, "must be >= 1"),
+])
+def test_bad_rope_scaling_field_is_named(field, value, why):
+    raw = _raw()
+    raw["rope_scaling"] = {**raw["rope_scaling"], field: value}
+    with pytest.raises(ConfigError, match=rf"key 'rope_scaling\.{field}' = .*{why}"):
+        ModelConfig.from_dict(raw, source="cfg.json")
+
+
+def test_configs_built_in_python_are_checked_too():
+    cfg = ModelConfig.from_dict(_raw())
+    with pytest.raises(ConfigError, match=r"key 'hidden_size' = '128': must be an integer"):
+        cfg.replace(hidden_size="128")
+    with pytest.raises(ConfigError, match=r"key 'quantized' = 1: must be true or false"):
+        cfg.replace(quantized=1)
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"vocab_size": 5')
+    with pytest.raises(ConfigError, match=r"config\.json: cannot read config: JSONDecodeError"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=r"config\.json: cannot read config: UnicodeDecodeError"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_all_rotary_indexer_runs_and_matches_the_oracle():
+    """index_head_dim == qk_rope_head_dim (the indexer's non-rotary part is empty) is a config the
+    reference and HF's port run; so does v4jax, with the oracle's logits."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import oracle
+    from test_model import oracle_params, randomize, rel_err
+    from v4jax.model import Transformer
+
+    raw = _raw(index_head_dim=64, num_hidden_layers=2, compress_ratios=[4, 0, 0], num_hash_layers=1,
+               index_topk=2)
+    model = Transformer(ModelConfig.from_dict(raw, dtype="float32", quant_sim=False), rngs=nnx.Rngs(0))
+    randomize(model)
+    ids = np.random.default_rng(0).integers(0, raw["vocab_size"], (1, 24))
+    logits = model.forward(jnp.asarray(ids))[0]
+    ref = oracle.forward(raw, oracle_params(model), ids)["logits"]
+    assert rel_err(logits, ref) < 1e-5

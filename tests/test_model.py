@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import oracle
-from v4jax import quant, weights
+from v4jax import quant
+from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 

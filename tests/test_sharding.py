@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from v4jax import placement
+from v4jax.checkpoint.loading import checkpoint_sharding
 from v4jax import sharding as sh
 from v4jax.cache import CACHE_AXES, init_cache
 from v4jax.config import ModelConfig
@@ -167,7 +168,7 @@ def test_cache_shardings_follow_cache_axes_and_long_context_splits_entries():
 
 def test_checkpoint_sharding_places_flat_tensors_by_their_parameter_axes(tiny_abstract):
     mesh = sh.make_mesh("data=2,expert=4")
-    sharding_for = placement.checkpoint_sharding(tiny_abstract, mesh, "inference")
+    sharding_for = checkpoint_sharding(tiny_abstract, mesh, "inference")
     assert sharding_for("layers.3.ffn.experts.w2.weight", (8, 128, 64)).spec == P(("data", "expert"), None, None)
     assert sharding_for("embed.weight", (512, 128)).spec == P(None, None)
     stacked = sharding_for("layers.3.ffn.experts.w2.weight", (2, 8, 128, 64))  # with a stacked "layers" dim

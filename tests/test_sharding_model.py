@@ -10,7 +10,7 @@ from flax import nnx
 from test_model import randomize
 from v4jax import placement
 from v4jax import sharding as sh
-from v4jax import weights
+from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 

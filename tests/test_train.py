@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax import train, weights
+from v4jax import train
+from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
-from v4jax.optim import OptimizerConfig
 from v4jax.model import Transformer
+from v4jax.optim import OptimizerConfig
 
 
 def test_train_steps_reduce_loss_touch_only_params_and_resume_exactly(tmp_path):

@@ -11,8 +11,8 @@ from v4jax.model import Transformer
 
 
 def load_pretrained(*args, **kwargs):
-    """See `v4jax.loading.load_pretrained` (imported lazily: it pulls in Orbax)."""
-    from v4jax.loading import load_pretrained as load
+    """See `v4jax.checkpoint.loading.load_pretrained` (imported lazily: it pulls in Orbax)."""
+    from v4jax.checkpoint.loading import load_pretrained as load
 
     return load(*args, **kwargs)
 

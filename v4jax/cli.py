@@ -227,7 +227,7 @@ def _mesh_sharding(args: argparse.Namespace):
     from flax import nnx
 
     from v4jax.config import ModelConfig
-    from v4jax.loading import checkpoint_shardings
+    from v4jax.checkpoint.loading import checkpoint_shardings
     from v4jax.model import Transformer
     from v4jax.sharding import make_mesh
 

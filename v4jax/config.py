@@ -48,6 +48,27 @@ _PINNED_KEYS = {
     "tie_word_embeddings": False,
 }
 _DTYPES = ("bfloat16", "float32")
+_INT_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "qk_rope_head_dim",
+    "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "num_hash_layers", "hc_mult",
+    "hc_sinkhorn_iters", "num_nextn_predict_layers",
+})
+_FLOAT_KEYS = frozenset({"compress_rope_theta", "rope_theta", "routed_scaling_factor", "swiglu_limit", "hc_eps",
+                         "rms_norm_eps"})
+# Sizes the math divides by or builds arrays from: zero cannot run.
+_POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                  "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads",
+                  "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool (an int subclass), not a float such as 4.0
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +129,8 @@ class ModelConfig:
             path = path / "config.json"
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {type(e).__name__}: {e}") from None
         return cls.from_dict(raw, source=str(path), **runtime)
 
     @classmethod
@@ -129,10 +150,18 @@ class ModelConfig:
             elif key == "rope_scaling":
                 fields[key] = _rope_scaling(value, source)
             elif key == "compress_ratios":
-                if not isinstance(value, list) or not all(isinstance(r, int) for r in value):
-                    raise ConfigError(f"{source}: key 'compress_ratios' must be a list of ints")
+                if not isinstance(value, list) or not all(_is_int(r) for r in value):
+                    raise ConfigError(f"{source}: key 'compress_ratios' = {value!r}: must be a list of integers")
                 fields[key] = tuple(value)
-            elif key in cls._REQUIRED or key == "expert_dtype":
+            elif key in _INT_KEYS:
+                if not _is_int(value):
+                    raise ConfigError(f"{source}: key {key!r} = {value!r}: must be an integer")
+                fields[key] = value
+            elif key in _FLOAT_KEYS:
+                if not _is_number(value):
+                    raise ConfigError(f"{source}: key {key!r} = {value!r}: must be a finite number")
+                fields[key] = value
+            elif key == "expert_dtype":
                 fields[key] = value
             else:
                 raise ConfigError(f"{source}: unknown key {key!r} (not a DeepSeek-V4 config field)")
@@ -166,23 +195,35 @@ class ModelConfig:
         return cfg
 
     def validate(self, source: str) -> None:
+        """Refuse what the model cannot compute, naming the key and why. Types are checked first
+        (this also guards configs built in Python), so every rule below compares numbers."""
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"{source}: key {key!r} = {getattr(self, key)!r}: {why}")
 
-        for key in self._REQUIRED:
-            value = getattr(self, key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                need(value >= 0, key, "must be non-negative")
-        need(self.qk_rope_head_dim % 2 == 0 and 0 < self.qk_rope_head_dim < self.head_dim,
+        for key in _INT_KEYS:
+            need(_is_int(getattr(self, key)), key, "must be an integer")
+        for key in _FLOAT_KEYS:
+            need(_is_number(getattr(self, key)), key, "must be a finite number")
+        need(isinstance(self.compress_ratios, tuple) and all(_is_int(r) for r in self.compress_ratios),
+             "compress_ratios", "must be a list of integers")
+        for key in _POSITIVE_KEYS:
+            need(getattr(self, key) > 0, key, "must be positive")
+        for key in ("num_hash_layers", "compress_rope_theta", "rope_theta", "routed_scaling_factor", "swiglu_limit",
+                    "hc_eps", "rms_norm_eps"):
+            need(getattr(self, key) >= 0, key, "must not be negative")
+        need(self.rope_theta > 0, "rope_theta", "must be positive (the rotary base)")
+        need(self.compress_rope_theta > 1, "compress_rope_theta", "must exceed 1 (YaRN divides by its log)")
+        need(self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim < self.head_dim,
              "qk_rope_head_dim", "must be even and smaller than head_dim")
-        need(self.qk_rope_head_dim < self.index_head_dim, "index_head_dim", "must exceed qk_rope_head_dim")
+        # Every indexer dim may be rotary (an empty non-rotary part), as in the reference and HF's port.
+        need(self.qk_rope_head_dim <= self.index_head_dim, "index_head_dim", "must be at least qk_rope_head_dim")
         need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
              "index_head_dim", "must be a power of two and a multiple of 32 (Hadamard, FP4 blocks)")
         need((self.head_dim - self.qk_rope_head_dim) % 64 == 0, "head_dim",
              "non-RoPE dims must be a multiple of 64 (FP8 KV blocks)")
         need(self.num_attention_heads % self.o_groups == 0, "o_groups", "must divide num_attention_heads")
-        need(0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
              "must be in 1..n_routed_experts")
         need(self.moe_intermediate_size % 32 == 0 and self.hidden_size % 32 == 0, "moe_intermediate_size",
              "expert dims must be multiples of 32 (FP4 scale groups)")
@@ -191,17 +232,12 @@ class ModelConfig:
         need(len(self.compress_ratios) == self.num_hidden_layers + self.num_nextn_predict_layers,
              "compress_ratios", "needs one entry per layer plus one per MTP block")
         need(all(r == 0 or r >= 2 for r in self.compress_ratios), "compress_ratios", "ratios are 0 or >= 2")
-        need(self.sliding_window > 0, "sliding_window", "must be positive")
-        need(self.index_topk > 0, "index_topk", "must be positive")
-        need(self.hc_mult >= 1 and self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
         need(self.expert_dtype in ("fp4", "fp8"), "expert_dtype", "must be 'fp4' or 'fp8'")
         need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
+        for key in ("quant_sim", "quantized", "remat"):
+            need(isinstance(getattr(self, key), bool), key, "must be true or false")
 
     # ------------------------------------------------------------------ derived
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
     @property
     def rope_nope_dim(self) -> int:
         return self.head_dim - self.qk_rope_head_dim
@@ -221,7 +257,7 @@ class ModelConfig:
         return _layer_plan(self)
 
     def layer_kind(self, layer: int) -> "LayerKind":
-        """Structure of block `layer`; `layer == n_layers` is the MTP block (spec §1.3)."""
+        """Structure of block `layer`; `layer == num_hidden_layers` is the MTP block (spec §1.3)."""
         return LayerKind(ratio=self.compress_ratios[layer], hash_routed=layer < self.num_hash_layers)
 
 
@@ -261,18 +297,23 @@ def _scale_fmt(quant: Any, source: str) -> str | None:
 def _rope_scaling(value: Any, source: str) -> RopeScaling:
     if not isinstance(value, dict) or value.get("type", value.get("rope_type")) != "yarn":
         raise ConfigError(f"{source}: key 'rope_scaling' must be a YaRN object, got {value!r}")
-    try:
-        scaling = RopeScaling(
-            factor=float(value["factor"]),
-            original_max_position_embeddings=int(value["original_max_position_embeddings"]),
-            beta_fast=float(value["beta_fast"]),
-            beta_slow=float(value["beta_slow"]),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{source}: key 'rope_scaling' is missing {e.args[0]!r}") from e
-    if not (scaling.factor >= 1 and math.isfinite(scaling.factor)):
-        raise ConfigError(f"{source}: key 'rope_scaling.factor' must be >= 1")
-    return scaling
+    for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+        if key not in value:
+            raise ConfigError(f"{source}: key 'rope_scaling' is missing {key!r}")
+        if not _is_number(value[key]):
+            raise ConfigError(f"{source}: key 'rope_scaling.{key}' = {value[key]!r}: must be a finite number")
+    if not _is_int(value["original_max_position_embeddings"]) or value["original_max_position_embeddings"] <= 0:
+        raise ConfigError(f"{source}: key 'rope_scaling.original_max_position_embeddings' = "
+                          f"{value['original_max_position_embeddings']!r}: must be a positive integer")
+    if value["factor"] < 1:
+        raise ConfigError(f"{source}: key 'rope_scaling.factor' = {value['factor']!r}: must be >= 1")
+    for key in ("beta_fast", "beta_slow"):
+        if value[key] <= 0:
+            raise ConfigError(f"{source}: key 'rope_scaling.{key}' = {value[key]!r}: must be positive "
+                              "(YaRN takes the log of a division by it)")
+    return RopeScaling(factor=float(value["factor"]),
+                       original_max_position_embeddings=value["original_max_position_embeddings"],
+                       beta_fast=float(value["beta_fast"]), beta_slow=float(value["beta_slow"]))
 
 
 @dataclasses.dataclass(frozen=True)

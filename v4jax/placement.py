@@ -2,22 +2,19 @@
 
 The mechanism (resolver, rule tables, placing any module or tree) is `v4jax.sharding`,
 which knows no model; this module is the layer above the model that applies it to the
-Transformer, its caches and the flat checkpoint tensors.
+Transformer and its caches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from v4jax import weights
 from v4jax.cache import cache_axes, init_cache
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
-from v4jax.sharding import get_rules, logical_to_spec, place, state_shardings, tree_shardings
+from v4jax.sharding import place, state_shardings, tree_shardings
 from v4jax.sharding.placement import Rules
 
 
@@ -49,22 +46,3 @@ def create_sharded_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh,
     """An empty decode state born sharded (no host copy of the whole cache)."""
     abstract = jax.eval_shape(lambda: init_cache(cfg, batch, max_len))
     return jax.jit(lambda: init_cache(cfg, batch, max_len), out_shardings=cache_shardings(abstract, mesh, rules))()
-
-
-def checkpoint_sharding(model: nnx.Module, mesh: Mesh, rules: Rules) -> Callable[[str, tuple], NamedSharding]:
-    """`sharding_for(name, shape)` for the converter / loader: where a flat checkpoint tensor goes.
-
-    `name` is a flat model-layout name (`layers.7.ffn.experts.w1.weight`); `shape` its
-    shape, with any leading stacked dims (named "layers", replicated). `model` may be
-    abstract (nnx.eval_shape).
-    """
-    rules = get_rules(rules)
-    axes = weights.flat_axes(model)
-
-    def sharding_for(name: str, shape: tuple) -> NamedSharding:
-        if name not in axes:
-            raise KeyError(f"tensor {name} is not a parameter of the model")
-        full = ("layers",) * (len(shape) - len(axes[name])) + tuple(axes[name])
-        return NamedSharding(mesh, logical_to_spec(full, shape, mesh, rules, f"tensor {name}"))
-
-    return sharding_for

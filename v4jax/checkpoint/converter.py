@@ -5,6 +5,8 @@ A converted folder holds:
 - `config.json` (the published file, byte for byte) and `v4jax.json` ({"dtype", "keep_quantized"}),
   enough to rebuild the model from this folder alone (`converted_config`);
 - `layout.json`: the published file split, so that export writes the same files back;
+- `checksums.json`: a checksum per leaf (`v4jax.checkpoint.checksum`), verified whenever a
+  leaf is restored, so a damaged byte is an error naming the leaf;
 - the tokenizer and generation-config files of the source, if it had them.
 
 Each leaf is built with `jax.make_array_from_callback` straight onto its sharding,
@@ -28,15 +30,17 @@ import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 from tqdm import tqdm
 
-from v4jax.errors import CheckpointError
+from v4jax.checkpoint import checksum
 from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
 from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
 from v4jax.checkpoint.staging import check_absent, is_primary, staging
-from v4jax.config import ModelConfig
+from v4jax.config import ConfigError, ModelConfig
+from v4jax.errors import CheckpointError
 
 STATE = "state"
 INFO = "v4jax.json"
 LAYOUT = "layout.json"
+CHECKSUMS = "checksums.json"
 # Leaves go to Orbax in saves of at most this many bytes (a larger leaf alone), so small
 # leaves share a save while memory stays at two saves' worth.
 _SAVE_BYTES = 256 * 2**20
@@ -59,7 +63,7 @@ def iter_model_layout(published: PublishedCheckpoint, cfg: ModelConfig, keep_qua
 def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtype: str = "bfloat16",
             sharding_for: ShardingFor | None = None, progress: bool = True) -> Path:
     """Convert the published checkpoint folder `src` into an Orbax folder `dst` (see module doc)."""
-    dst = Path(dst)
+    dst = Path(dst).absolute()
     check_absent(dst)
     published = read_published(src)
     cfg = published.cfg.replace(dtype=dtype)
@@ -74,22 +78,28 @@ def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtyp
         bar = tqdm(total=sum(leaf.source_bytes for leaf in plan), unit="B", unit_scale=True,
                    desc=f"convert {published.path.name}", disable=not (progress and is_primary()))
         with bar, orbax_context():
-            _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar)
+            sums = _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar)
             ocp.partial.finalize(tmp / STATE)
+        if is_primary():
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=0))
     return dst
 
 
-def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.Array], bar: tqdm) -> None:
+def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.Array], bar: tqdm) -> dict[str, str]:
     """Orbax partial saves of at most _SAVE_BYTES each (or one larger leaf). A batch is
     written in the background while the next one is read, so reading overlaps writing
-    and at most two batches are alive."""
+    and at most two batches are alive. Returns the leaves' checksums (computed
+    asynchronously beside the saves)."""
     in_flight: list = []  # at most one (response, source bytes)
+    pending = {}
     try:
         for group in byte_batches(plan, lambda leaf: leaf.nbytes, _SAVE_BYTES):
             batch = {leaf.name: place(leaf) for leaf in group}
+            pending.update(checksum.start(batch))
             _wait(in_flight, bar)
             in_flight.append((ocp.partial.save_async(path, batch), sum(leaf.source_bytes for leaf in group)))
         _wait(in_flight, bar)
+        return checksum.finish(pending)
     finally:
         with contextlib.suppress(Exception):  # an error already on its way matters more
             _wait(in_flight, bar)
@@ -119,12 +129,26 @@ def _wait(in_flight: list, bar: tqdm) -> None:
 
 def converted_config(path: str | Path) -> ModelConfig:
     """The config of a converted folder, with `dtype` and `quantized` (= kept quantised) as converted."""
-    path = Path(path)
+    path = Path(path).absolute()
+    if not (path / INFO).is_file():
+        raise CheckpointError(f"{path}: not a converted v4jax checkpoint (no {INFO})")
+    info = read_json(path / INFO)
+    if not (isinstance(info, dict) and info.get("dtype") in ("bfloat16", "float32")
+            and isinstance(info.get("keep_quantized"), bool)):
+        raise CheckpointError(f"{path / INFO}: expected {{\"dtype\": \"bfloat16\" | \"float32\", "
+                              f"\"keep_quantized\": true | false}}")
     try:
-        info = json.loads((path / INFO).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a converted v4jax checkpoint ({INFO}: {e})") from e
-    return ModelConfig.from_json(path / "config.json", dtype=info["dtype"], quantized=info["keep_quantized"])
+        return ModelConfig.from_json(path / "config.json", dtype=info["dtype"], quantized=info["keep_quantized"])
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_json(path: Path):
+    """A JSON file of a checkpoint folder; unreadable or invalid -> CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
 
 
 def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -134,9 +158,12 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
     a leaf without a sharding goes to the first local device. bfloat16 and float32
     leaves may be restored as either; every other dtype and every shape must match.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     cfg = converted_config(path)
     stored = model_layout(cfg, cfg.quantized)
+    recorded = read_json(path / CHECKSUMS)
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path / CHECKSUMS}: expected an object {{leaf: checksum}}")
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     floats = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float32)}
     target = {}
@@ -147,9 +174,33 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
         if tuple(want.shape) != have.shape or not (want.dtype == have.dtype or {want.dtype, have.dtype} <= floats):
             raise CheckpointError(f"{path}: leaf {name} is {have.dtype}{list(have.shape)}, "
                                   f"asked for {want.dtype}{list(want.shape)}")
-        target[name] = jax.ShapeDtypeStruct(have.shape, want.dtype, sharding=getattr(want, "sharding", None) or default)
-    with orbax_context():
-        return ocp.load(path / STATE, target)
+        # Restored as stored (what the checksum covers), then cast on device.
+        target[name] = jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=getattr(want, "sharding", None) or default)
+    _check_orbax_json(path / STATE)
+    try:
+        with orbax_context():
+            restored = ocp.load(path / STATE, target)
+    except Exception as e:  # Orbax and tensorstore raise many types for a damaged folder
+        raise CheckpointError(f"{path / STATE}: cannot restore: {type(e).__name__}: {_first_line(e)}") from e
+    checksum.verify(str(path / STATE), restored, recorded)
+    return {name: a if a.dtype == abstract[name].dtype else a.astype(abstract[name].dtype)
+            for name, a in restored.items()}
+
+
+# The JSON files Orbax keeps beside the array data; parsed first, so a damaged one is named.
+_ORBAX_JSON = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+
+
+def _check_orbax_json(state: Path) -> None:
+    if not state.is_dir():
+        raise CheckpointError(f"{state}: missing (not a converted v4jax checkpoint)")
+    for f in sorted(state.rglob("*")):
+        if f.name in _ORBAX_JSON or f.parent.name == "array_metadatas":
+            read_json(f)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def iter_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct],

@@ -2,7 +2,7 @@
 
 The source is a converted folder (its recorded file split and config are reused, so
 an unmodified checkpoint comes back byte for byte) or an in-memory flat dict such
-as `v4jax.weights.to_flat(model)` (the published split for its config; FP8 weights
+as `v4jax.checkpoint.weights.to_flat(model)` (the published split for its config; FP8 weights
 without stored scales get fresh power-of-two ones). Leaves are loaded a batch at a
 time and every published tensor is written at its final offset as soon as it is
 encoded, so memory stays near one batch plus the largest leaf.
@@ -22,12 +22,12 @@ from tqdm import tqdm
 from v4jax.checkpoint.converter import LAYOUT, byte_batches, converted_config, load_flat
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
-from v4jax.checkpoint.model_layout import Plain, Quantized, encode, model_layout, units
+from v4jax.checkpoint.model_layout import PlainUnit, QuantizedUnit, encode, model_layout, units
 from v4jax.checkpoint.reader import COMPANION_FILES
 from v4jax.checkpoint.safetensors_format import ShardWriter
 from v4jax.checkpoint.staging import check_absent, staging
 from v4jax.config import ModelConfig
-from v4jax.inventory import published_tensors
+from v4jax.checkpoint.inventory import published_tensors
 
 # Leaves restored per Orbax load (or one larger unit alone): bounds memory beyond the largest leaf.
 _LOAD_BYTES = 256 * 2**20
@@ -37,7 +37,7 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
            progress: bool = True) -> Path:
     """Write the published checkpoint folder `dst` from a converted folder or a flat dict
     (which needs `cfg`). One process writes it: leaves are gathered on its host a batch at a time."""
-    dst = Path(dst)
+    dst = Path(dst).absolute()
     check_absent(dst)
     if jax.process_count() > 1:
         raise CheckpointError(f"{dst}: export runs as a single process, not under jax.distributed "
@@ -50,9 +50,9 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
         sizes = {name: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for name, v in src.items()}
         load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
     else:
-        folder = Path(src)
+        folder = Path(src).absolute()
         cfg = converted_config(folder)
-        layout = FileLayout.from_json((folder / LAYOUT).read_text())
+        layout = FileLayout.from_json(folder / LAYOUT)
         config_bytes = (folder / "config.json").read_bytes()
         companions = [folder / n for n in COMPANION_FILES if (folder / n).is_file()]
         stored = model_layout(cfg, cfg.quantized)
@@ -87,5 +87,5 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
     return dst
 
 
-def _leaf_names(unit: Plain | Quantized) -> list[str]:
-    return [unit.spec.name] if isinstance(unit, Plain) else [unit.name + ".weight", unit.name + ".scale"]
+def _leaf_names(unit: PlainUnit | QuantizedUnit) -> list[str]:
+    return [unit.spec.name] if isinstance(unit, PlainUnit) else [unit.name + ".weight", unit.name + ".scale"]

@@ -11,12 +11,27 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 from v4jax.checkpoint.safetensors_format import data_order
 from v4jax.config import ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors
+from v4jax.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+SUFFIX = ".safetensors"
+
+
+def shard_file_name(value: object, source: Path | str, key: str) -> str:
+    """A weights file name read from `source` (an index entry, a recorded layout): a plain
+    `*.safetensors` name inside its folder, never a path that could lead out of it.
+    (A plain name that is a symlink is followed: a Hugging Face cache snapshot is made of them.)"""
+    if not (isinstance(value, str) and value.endswith(SUFFIX) and len(value) > len(SUFFIX)
+            and value not in (".", "..") and not any(c in value for c in "/\\\0:")
+            and value == value.strip()):
+        raise CheckpointError(f"{source}: {key} names {value!r}; expected a plain file name "
+                              f"ending in {SUFFIX} inside the folder (no path separators, '..' or NUL)")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +79,43 @@ class FileLayout:
                            "index_metadata": self.index_metadata})
 
     @classmethod
-    def from_json(cls, text: str) -> "FileLayout":
-        raw = json.loads(text)
-        shards = tuple(Shard(s["file"], tuple(s["tensors"]), s["metadata"]) for s in raw["shards"])
-        return cls(shards, tuple(raw["order"]), raw["index_metadata"])
+    def from_json(cls, path: Path) -> "FileLayout":
+        """The layout a converted folder recorded (`path`: its layout.json), checked as strictly
+        as a published index: plain distinct file names, each tensor in one file and in `order`."""
+        try:
+            raw = json.loads(path.read_text())
+            shards = tuple(Shard(shard_file_name(s["file"], path, f"shards[{i}].file"), _names(s["tensors"]),
+                                 _string_map(s["metadata"])) for i, s in enumerate(raw["shards"]))
+            layout = cls(shards, _names(raw["order"]), raw["index_metadata"])
+        except CheckpointError:
+            raise
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a valid recorded file split ({type(e).__name__}: {e})") from None
+        if not isinstance(layout.index_metadata, dict):
+            raise CheckpointError(f"{path}: index_metadata must be an object")
+        layout.check(path)
+        return layout
+
+    def check(self, source: Path | str) -> None:
+        """Distinct file names; every tensor in exactly one file and once in the index order."""
+        files = [s.file for s in self.shards]
+        if len(set(files)) != len(files):
+            raise CheckpointError(f"{source}: file {next(f for f in files if files.count(f) > 1)!r} is listed twice")
+        placed = [n for s in self.shards for n in s.tensors]
+        if sorted(placed) != sorted(self.order) or len(set(placed)) != len(placed):
+            raise CheckpointError(f"{source}: the files' tensors and the index order list different tensors")
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+        raise TypeError("expected a list of tensor names")
+    return tuple(value)
+
+
+def _string_map(value: object) -> dict[str, str] | None:
+    if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+        raise TypeError("a file's metadata must map strings to strings")
+    return value
 
 
 def config_text(cfg: ModelConfig) -> str:

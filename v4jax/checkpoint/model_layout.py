@@ -12,7 +12,7 @@ A flat dict keyed by published names (no transposes: weights stay [out, in]):
   `….ffn.experts.w1.scale` [E, …] float32.
 
 Each published weight (with its scale) or stack of per-expert weights is one
-`Quantized` unit, everything else a `Plain` one. Leaves are read window by window
+`QuantizedUnit` unit, everything else a `PlainUnit` one. Leaves are read window by window
 (the slice a device holds) straight from the published files; `encode` is the
 inverse transform export uses.
 """
@@ -33,7 +33,7 @@ from v4jax.errors import CheckpointError
 from v4jax.checkpoint.reader import PublishedCheckpoint
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES
 from v4jax.config import ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w[123])\.weight")
 
@@ -51,12 +51,12 @@ def _dequant(codes, scale, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class Plain:
+class PlainUnit:
     spec: TensorSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class Quantized:
+class QuantizedUnit:
     name: str  # leaves `{name}.weight` and `{name}.scale`
     members: tuple[str, ...]  # published prefixes: one, or one per expert of a stack
     weight: TensorSpec  # of the first member
@@ -94,31 +94,31 @@ class Leaf:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
-def units(cfg: ModelConfig) -> list[Plain | Quantized]:
+def units(cfg: ModelConfig) -> list[PlainUnit | QuantizedUnit]:
     """The published inventory grouped into conversion units, in published order."""
     specs = published_tensors(cfg)
     by_name = {s.name: s for s in specs}
-    out: list[Plain | Quantized] = []
+    out: list[PlainUnit | QuantizedUnit] = []
     for s in specs:
         expert = _EXPERT.fullmatch(s.name)
         if expert and expert[2] == "0":  # the first expert opens the stack
             members = tuple(f"{expert[1]}.{e}.{expert[3]}" for e in range(cfg.n_routed_experts))
-            out.append(Quantized(f"{expert[1]}.{expert[3]}", members, s, by_name[members[0] + ".scale"],
+            out.append(QuantizedUnit(f"{expert[1]}.{expert[3]}", members, s, by_name[members[0] + ".scale"],
                                  stacked=True))
         elif expert or s.name.endswith(".scale"):
             continue
         elif s.dtype == "F8_E4M3":
             p = s.name.removesuffix(".weight")
-            out.append(Quantized(p, (p,), s, by_name[p + ".scale"],
+            out.append(QuantizedUnit(p, (p,), s, by_name[p + ".scale"],
                                  groups=cfg.o_groups if p.endswith("attn.wo_a") else 0))
         else:
-            out.append(Plain(s))
+            out.append(PlainUnit(s))
     return out
 
 
-def _unit_leaves(unit: Plain | Quantized, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
+def _unit_leaves(unit: PlainUnit | QuantizedUnit, cfg: ModelConfig, keep_quantized: bool) -> list[Leaf]:
     """The model-layout leaves one unit becomes."""
-    if isinstance(unit, Plain):
+    if isinstance(unit, PlainUnit):
         s = unit.spec
         dtype = {"BF16": np.dtype(cfg.dtype), "F32": np.dtype(np.float32), "I64": np.dtype(np.int32)}[s.dtype]
         return [Leaf(s.name, s.shape, dtype, s.nbytes, lambda pub, index: _read_plain(pub, s.name, index, dtype))]
@@ -160,23 +160,55 @@ def _window(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
 
+# Bit patterns that are not finite numbers: (mask, value) with bits & mask == value. E4M3 (the
+# "fn" variant) has no infinities; S.1111.111 is its NaN.
+_NOT_FINITE = {"BF16": (np.uint16, 0x7F80, 0x7F80), "F32": (np.uint32, 0x7F800000, 0x7F800000),
+               "F8_E4M3": (np.uint8, 0x7F, 0x7F)}
+
+
+def check_finite(pub: PublishedCheckpoint, name: str, raw: np.ndarray, origin: tuple[int, ...]) -> None:
+    """Refuse NaN / Inf (or an E4M3 NaN code) in a window of published tensor `name` that starts at
+    `origin`, naming its file and the first bad index. Runs on the window just read, while it is
+    in cache, as integer compares on the raw bits."""
+    loc = pub.tensors[name]
+    rule = _NOT_FINITE.get(loc.spec.dtype)
+    if rule is None or raw.size == 0:
+        return
+    view, mask, value = rule
+    bits = raw.view(view)
+    bad = (bits & view(mask)) == view(value)
+    if bad.any():
+        at = [int(i) + o for i, o in zip(np.argwhere(bad)[0], origin)]
+        raise CheckpointError(f"{loc.file}: tensor {name} holds a non-finite value "
+                              f"({'NaN code' if loc.spec.dtype == 'F8_E4M3' else 'NaN or Inf'}) at {at}; "
+                              "the model would compute NaN from it")
+
+
+def _origin(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s.indices(n)[0] for s, n in zip(index, shape))
+
+
 def _read_plain(pub: PublishedCheckpoint, name: str, index, dtype: np.dtype) -> np.ndarray:
     spec = pub.tensors[name].spec
     out = _aligned_empty(_window(index, spec.shape), dtype)
     if dtype == NUMPY_DTYPES[spec.dtype]:
-        return pub.read(name, index, out=out)
-    out[...] = pub.read(name, index)  # BF16 -> float32 runs, tid2eid int64 -> int32
+        pub.read(name, index, out=out)
+        check_finite(pub, name, out, _origin(index, spec.shape))
+        return out
+    raw = pub.read(name, index)
+    check_finite(pub, name, raw, _origin(index, spec.shape))
+    out[...] = raw  # BF16 -> float32 runs, tid2eid int64 -> int32
     return out
 
 
-def _members(unit: Quantized, index: tuple[slice, ...]) -> tuple[tuple[str, ...], tuple[slice, ...]]:
+def _members(unit: QuantizedUnit, index: tuple[slice, ...]) -> tuple[tuple[str, ...], tuple[slice, ...]]:
     """The published members a window covers, and the rest of the window."""
     if unit.stacked:
         return unit.members[index[0]], tuple(index[1:])
     return unit.members, tuple(index)
 
 
-def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.ndarray:
+def _read_scale(pub: PublishedCheckpoint, unit: QuantizedUnit, index, shape) -> np.ndarray:
     out = _aligned_empty(_window(index, shape), np.float32)
     members, rest = _members(unit, index)
     for i, m in enumerate(members):
@@ -184,12 +216,13 @@ def _read_scale(pub: PublishedCheckpoint, unit: Quantized, index, shape) -> np.n
     return out
 
 
-def _read_weight(pub: PublishedCheckpoint, unit: Quantized, index, shape, dtype, dequant: bool) -> np.ndarray:
+def _read_weight(pub: PublishedCheckpoint, unit: QuantizedUnit, index, shape, dtype, dequant: bool) -> np.ndarray:
     members, rest = _members(unit, index)
     if not dequant:
         out = _aligned_empty(_window(index, shape), dtype)
         for i, m in enumerate(members):
-            pub.read(m + ".weight", rest, out=out[i] if unit.stacked else out)
+            codes = pub.read(m + ".weight", rest, out=out[i] if unit.stacked else out)
+            check_finite(pub, m + ".weight", codes, _origin(rest, unit.weight.shape))
         return out
     if not unit.groups:
         rows, cols = (s.indices(n)[:2] for s, n in zip(rest, shape[-2:]))
@@ -202,7 +235,7 @@ def _read_weight(pub: PublishedCheckpoint, unit: Quantized, index, shape, dtype,
                      for g in range(*groups.indices(unit.groups))])
 
 
-def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...], rows: tuple[int, int],
+def _decode(pub: PublishedCheckpoint, unit: QuantizedUnit, members: tuple[str, ...], rows: tuple[int, int],
             cols: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     """Dequantised [member, r0:r1, c0:c1], decoded in one call over the enclosing scale
     blocks (128 x 128 for FP8, 1 x 32 for FP4). The decoder's output is the result itself
@@ -218,6 +251,7 @@ def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...],
     scales = _aligned_empty((len(members),) + _window(scale_window, unit.scale.shape), NUMPY_DTYPES[unit.scale.dtype])
     for i, m in enumerate(members):
         pub.read(m + ".weight", code_window, out=codes[i])
+        check_finite(pub, m + ".weight", codes[i], (lo_r, lo_c // pack))
         pub.read(m + ".scale", scale_window, out=scales[i])
     with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host-side decoding, whatever the default backend
         values = np.asarray(_dequant(codes, scales, dtype=dtype))
@@ -227,14 +261,14 @@ def _decode(pub: PublishedCheckpoint, unit: Quantized, members: tuple[str, ...],
 
 
 # ---------------------------------------------------------------------------- export
-def encode(unit: Plain | Quantized, leaves: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+def encode(unit: PlainUnit | QuantizedUnit, leaves: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     """Published tensors (name, array in the published numpy dtype) from model-layout leaves.
 
     A quantised weight given as codes is written as is; a dequantised one is
     re-encoded with its stored scales (which reproduces the original bytes of an
     unmodified weight) or, without them, with fresh power-of-two scales.
     """
-    if isinstance(unit, Plain):
+    if isinstance(unit, PlainUnit):
         s = unit.spec
         value = _leaf(leaves, s.name, s.shape)
         yield s.name, value.astype(NUMPY_DTYPES[s.dtype])

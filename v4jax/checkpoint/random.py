@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
-from v4jax.checkpoint.model_layout import Plain, Quantized, encode, units
+from v4jax.checkpoint.model_layout import PlainUnit, QuantizedUnit, encode, units
 from v4jax.checkpoint.safetensors_format import ShardWriter
 from v4jax.checkpoint.staging import staging
 from v4jax.config import ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors
+from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 
 WEIGHT_STD = 0.02
 
@@ -41,10 +41,10 @@ def write_random_checkpoint(cfg: ModelConfig | str | Path, out_dir: str | Path, 
     layout = FileLayout.published(cfg, shard_bytes)
     specs = {s.name: s for s in published_tensors(cfg)}
     shard_of = {name: shard.file for shard in layout.shards for name in shard.tensors}
-    by_shard: dict[str, list[Plain | Quantized]] = {}
+    by_shard: dict[str, list[PlainUnit | QuantizedUnit]] = {}
     for unit in units(cfg):
         for member in _split(unit):
-            first = member.spec.name if isinstance(member, Plain) else member.members[0] + ".weight"
+            first = member.spec.name if isinstance(member, PlainUnit) else member.members[0] + ".weight"
             by_shard.setdefault(shard_of[first], []).append(member)
     with staging(Path(out_dir)) as tmp:
         (tmp / "config.json").write_bytes(config_bytes)
@@ -57,15 +57,15 @@ def write_random_checkpoint(cfg: ModelConfig | str | Path, out_dir: str | Path, 
     return Path(out_dir)
 
 
-def _split(unit: Plain | Quantized) -> list[Plain | Quantized]:
+def _split(unit: PlainUnit | QuantizedUnit) -> list[PlainUnit | QuantizedUnit]:
     """Expert stacks one expert at a time, so memory stays at one tensor."""
-    if isinstance(unit, Quantized) and unit.stacked:
+    if isinstance(unit, QuantizedUnit) and unit.stacked:
         return [dataclasses.replace(unit, name=m, members=(m,), stacked=False) for m in unit.members]
     return [unit]
 
 
-def _random_leaves(unit: Plain | Quantized, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    if isinstance(unit, Quantized):  # dequantised values; encode picks the scales
+def _random_leaves(unit: PlainUnit | QuantizedUnit, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    if isinstance(unit, QuantizedUnit):  # dequantised values; encode picks the scales
         weight = WEIGHT_STD * _rng(seed, unit.name).standard_normal(unit.dequantised_shape, np.float32)
         return {unit.name + ".weight": weight}
     return {unit.spec.name: _plain(unit.spec, cfg, _rng(seed, unit.spec.name))}

@@ -2,7 +2,7 @@
 
 `read_published` checks everything before a caller writes anything: the config,
 the index (entries confined to the folder), every file header (sizes, truncation,
-overlaps), every tensor's presence, dtype and shape against `v4jax.inventory`, and
+overlaps), every tensor's presence, dtype and shape against `v4jax.checkpoint.inventory`, and
 the values that conversion relies on (block scales are finite powers of two, the
 hash-routing table holds valid expert ids). Tensors are then read through short-lived
 memory maps of just the rows asked for, so memory stays bounded by what the caller
@@ -15,15 +15,15 @@ import dataclasses
 import json
 import math
 import mmap
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from v4jax.errors import CheckpointError
-from v4jax.checkpoint.layout import INDEX, FileLayout, Shard
+from v4jax.checkpoint.layout import INDEX, FileLayout, Shard, shard_file_name
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES, read_header
 from v4jax.config import ConfigError, ModelConfig
-from v4jax.inventory import TensorSpec, published_tensors, total_bytes
+from v4jax.checkpoint.inventory import TensorSpec, config_keys_of, published_tensors, total_bytes
 
 # Files besides the weights that travel with a checkpoint through conversion and export.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -79,7 +79,7 @@ class PublishedCheckpoint:
 
 def read_published(path: str | Path) -> PublishedCheckpoint:
     """Open and fully validate a published checkpoint folder; raises CheckpointError."""
-    root = Path(path)
+    root = Path(path).absolute()  # once, here: Orbax and error messages want absolute paths
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint folder")
     try:
@@ -89,6 +89,8 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
     expected = {s.name: s for s in published_tensors(cfg)}
     index_path = root / INDEX
     weight_map, index_metadata = _read_index(index_path)
+    for name, file in weight_map.items():  # every name checked before any file is opened
+        shard_file_name(file, index_path, f"weight_map[{name!r}]")
 
     for name in weight_map:
         if name not in expected:
@@ -96,16 +98,12 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
     for name in expected:
         if name not in weight_map:
             raise CheckpointError(f"{index_path}: tensor {name} is missing")
-    if index_metadata.get("total_size") != total_bytes(list(expected.values())):
-        raise CheckpointError(f"{index_path}: metadata.total_size is {index_metadata.get('total_size')!r}, "
-                              f"expected {total_bytes(list(expected.values()))}")
-
     files: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         files.setdefault(file, []).append(name)
     tensors, shards = {}, []
     for file, listed in files.items():
-        shard_path = _inside(root, file, index_path, listed[0])
+        shard_path = _shard_path(root, file, index_path, listed[0])
         header = read_header(shard_path)
         found = {e.spec.name: e for e in header.entries}
         for name in found:
@@ -119,9 +117,13 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
                 raise CheckpointError(f"{shard_path}: tensor {name} has dtype {got.dtype}, expected {want.dtype}")
             if got.shape != want.shape:
                 raise CheckpointError(f"{shard_path}: tensor {name} has shape {list(got.shape)}, "
-                                      f"expected {list(want.shape)}")
+                                      f"expected {list(want.shape)}{_driven_by(cfg, name, got.shape, want.shape)}")
             tensors[name] = TensorLocation(shard_path, got, found[name].offset)
         shards.append(Shard(file, tuple(e.spec.name for e in header.entries), header.metadata))
+    # After the shapes: a config that disagrees with the weights is named by its tensor and key above.
+    if index_metadata.get("total_size") != total_bytes(list(expected.values())):
+        raise CheckpointError(f"{index_path}: metadata.total_size is {index_metadata.get('total_size')!r}, "
+                              f"expected {total_bytes(list(expected.values()))}")
 
     published = PublishedCheckpoint(root, cfg, FileLayout(tuple(shards), tuple(weight_map), index_metadata), tensors)
     _check_values(published)
@@ -141,15 +143,20 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     return weight_map, metadata
 
 
-def _inside(root: Path, file: str, index_path: Path, name: str) -> Path:
-    """The shard path an index entry names, refused if it could leave the folder."""
-    rel = PurePosixPath(file)
-    target = (root / file).resolve()
-    if rel.is_absolute() or ".." in rel.parts or "\\" in file or not target.is_relative_to(root.resolve()):
-        raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, outside the checkpoint folder")
-    if not target.is_file():
+def _shard_path(root: Path, file: str, index_path: Path, name: str) -> Path:
+    """The file a (checked, plain) index entry names inside the folder, followed if it is a symlink."""
+    if not (root / file).is_file():
         raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which does not exist")
     return root / file
+
+
+def _driven_by(cfg: ModelConfig, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """' (axis i follows config key k)' for the first axis where the file and the config disagree."""
+    if len(got) != len(want):
+        return ""
+    axis = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+    keys = config_keys_of(cfg, name, axis)
+    return f"; its axis {axis} follows config key {' / '.join(map(repr, keys))}" if keys else ""
 
 
 def _check_values(published: PublishedCheckpoint) -> None:

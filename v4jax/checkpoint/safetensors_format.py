@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.errors import CheckpointError
-from v4jax.inventory import ITEMSIZE, TensorSpec
+from v4jax.checkpoint.inventory import ITEMSIZE, TensorSpec
 
 NUMPY_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -48,8 +48,11 @@ class Header:
 
 
 def read_header(path: Path) -> Header:
-    """Parse and check one file's header: every entry well formed, sized by its dtype and
-    shape, inside the file, and no two overlapping."""
+    """Parse and check one file's header as strictly as the safetensors library: every entry
+    well formed and sized by its dtype and shape, the tensors tiling the data area exactly
+    (no gap, no overlap, no trailing bytes). The header must also be the one the library
+    writes for these tensors (compact JSON, data order, space padding to 8 bytes), so that
+    export can reproduce the file byte for byte."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -61,9 +64,11 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: header names {e.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -73,10 +78,34 @@ def read_header(path: Path) -> Header:
     data_start, data_len = 8 + n, size - 8 - n
     entries = [_entry(path, name, info, data_start, data_len) for name, info in header.items()]
     entries.sort(key=lambda e: e.offset)
-    for prev, cur in zip(entries, entries[1:]):
-        if cur.offset < prev.offset + prev.spec.nbytes:
+    end = data_start
+    for prev, cur in zip([None] + entries, entries):
+        if cur.offset < end:
             raise CheckpointError(f"{path}: tensor {cur.spec.name} overlaps tensor {prev.spec.name}")
+        if cur.offset > end:
+            raise CheckpointError(f"{path}: {cur.offset - end} unused bytes before tensor {cur.spec.name}")
+        end = cur.offset + cur.spec.nbytes
+    if end != size:
+        raise CheckpointError(f"{path}: {size - end} trailing bytes after the last tensor")
+    specs = [e.spec for e in entries]
+    if header_bytes(specs, metadata) != head + raw:
+        raise CheckpointError(f"{path}: header is not laid out as the safetensors library writes it "
+                              "(compact JSON in data order, space-padded to 8 bytes), so it could not be "
+                              "written back byte for byte")
     return Header(metadata, tuple(entries))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _entry(path: Path, name: str, info, data_start: int, data_len: int) -> Entry:
@@ -97,7 +126,7 @@ def _entry(path: Path, name: str, info, data_start: int, data_len: int) -> Entry
                               f"needs {spec.nbytes}")
     if end > data_len:
         raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end} of a "
-                              f"{data_len}-byte data area")
+                              f"{max(data_len, 0)}-byte data area")
     return Entry(spec, data_start + begin)
 
 
@@ -112,7 +141,7 @@ def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
     for s in specs:
         header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 

@@ -2,12 +2,21 @@
 
 With several processes (`jax.distributed`) all of them write into the same temporary
 folder (Orbax saves from every process); process 0 creates it, renames it and cleans up.
+
+A run killed outright (SIGKILL, OOM) cannot clean up, so process 0 leaves an owner file
+(host and pid) in the folder: the next run for the same destination removes every staging
+folder whose owner on this host is no longer alive, and says so. A folder owned by a live
+process, or by another host (whose processes this one cannot see), is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +28,41 @@ from jax.experimental import multihost_utils
 from v4jax.errors import CheckpointError
 
 
+OWNER = ".v4jax-staging-owner"
+log = logging.getLogger(__name__)
+
+
 def check_absent(dst: Path) -> None:
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         raise CheckpointError(f"{dst}: already exists; refusing to overwrite")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clear_stale(dst: Path) -> list[Path]:
+    """Remove the staging folders of `dst` left by dead runs on this host; returns them."""
+    removed = []
+    for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
+        try:
+            owner = json.loads((tmp / OWNER).read_text())
+            host, pid = owner["host"], int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: staging folder without a readable owner file, left alone", tmp)
+            continue
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("%s: removed the staging folder of an earlier run that died (pid %d)", tmp, pid)
+        removed.append(tmp)
+    return removed
 
 
 def is_primary() -> bool:
@@ -50,13 +91,16 @@ def staging(dst: Path) -> Iterator[Path]:
     tmp = dst.parent / f".{dst.name}.tmp-{_token()}"
     if is_primary():
         dst.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale(dst)
         tmp.mkdir()
+        (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     _sync(f"staging {tmp}")
     try:
         yield tmp
         _sync(f"written {tmp}")
         if is_primary():
             check_absent(dst)
+            (tmp / OWNER).unlink()
             tmp.rename(dst)
         _sync(f"renamed {dst}")
     except BaseException:

@@ -9,16 +9,37 @@ from) and written into its layer's slot of the scan stack before the next arrive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from v4jax import weights
+from v4jax.checkpoint import weights
+from v4jax.checkpoint.converter import converted_config, iter_flat, iter_model_layout
+from v4jax.checkpoint.reader import read_published
 from v4jax.model import Transformer
-from v4jax.placement import checkpoint_sharding
-from v4jax.sharding import shard_model
+from v4jax.sharding import get_rules, logical_to_spec, shard_model
+
+
+def checkpoint_sharding(model: nnx.Module, mesh: Mesh, rules="inference") -> Callable[[str, tuple], NamedSharding]:
+    """`sharding_for(name, shape)` for the converter / loader: where a flat checkpoint tensor goes.
+
+    `name` is a flat model-layout name (`layers.7.ffn.experts.w1.weight`); `shape` its
+    shape, with any leading stacked dims (named "layers", replicated). `model` may be
+    abstract (nnx.eval_shape).
+    """
+    rules = get_rules(rules)
+    axes = weights.flat_axes(model)
+
+    def sharding_for(name: str, shape: tuple) -> NamedSharding:
+        if name not in axes:
+            raise KeyError(f"tensor {name} is not a parameter of the model")
+        full = ("layers",) * (len(shape) - len(axes[name])) + tuple(axes[name])
+        return NamedSharding(mesh, logical_to_spec(full, shape, mesh, rules, f"tensor {name}"))
+
+    return sharding_for
 
 
 def checkpoint_shardings(model: nnx.Module, mesh: Mesh, rules="inference"):
@@ -36,8 +57,6 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference
     `dtype` and `quantized` (keep FP8/FP4 codes) default to bfloat16 / dequantised for a
     published folder and to what a converted folder was converted with.
     """
-    from v4jax.checkpoint import converted_config, iter_flat, iter_model_layout, read_published
-
     path = Path(path)
     published = (path / "model.safetensors.index.json").is_file()
     if published:

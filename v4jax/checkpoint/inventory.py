@@ -9,6 +9,7 @@ layer, then the final `hc_head_*`, `norm` and `head`, then the MTP block.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import NamedTuple
@@ -48,6 +49,20 @@ def published_tensors(cfg: ModelConfig) -> list[TensorSpec]:
         specs += _fp8(cfg, p + "e_proj", (d, d)) + _fp8(cfg, p + "h_proj", (d, d))
         specs += [TensorSpec(p + n, "BF16", (d,)) for n in ("enorm.weight", "hnorm.weight", "norm.weight")]
     return specs
+
+
+def config_keys_of(cfg: ModelConfig, name: str, axis: int) -> list[str]:
+    """The config keys that size `axis` of tensor `name` (each is doubled in turn and the
+    inventory recomputed), to point at the key of a config that disagrees with the weights."""
+    shape = {s.name: s.shape for s in published_tensors(cfg)}[name]
+    keys = []
+    for key in ("vocab_size", "hidden_size", "num_attention_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank",
+                "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "n_routed_experts",
+                "num_experts_per_tok", "moe_intermediate_size", "hc_mult"):
+        changed = {s.name: s.shape for s in published_tensors(dataclasses.replace(cfg, **{key: 2 * getattr(cfg, key)}))}
+        if name in changed and len(changed[name]) == len(shape) and changed[name][axis] != shape[axis]:
+            keys.append(key)
+    return keys
 
 
 def dtype_histogram(specs: list[TensorSpec]) -> dict[str, int]:
