@@ -18,6 +18,8 @@ from v4jax.cli.common import (
     positive_int,
 )
 
+MAX_LEN = 2048
+
 
 def add(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity or log-likelihoods of a JSON Lines data set",
@@ -25,8 +27,9 @@ def add(sub) -> argparse.ArgumentParser:
                                    "with 'context' and 'continuation' -> one log-likelihood line per record.")
     p.add_argument("--ckpt", required=True, type=existing_dir, help="published or converted checkpoint folder")
     p.add_argument("--data", required=True, type=existing_file, help="JSON Lines file")
-    p.add_argument("--max-len", type=int_at_least(2), default=2048,
-                   help="window length for perplexity (>= 2: one context token and one scored token)")
+    p.add_argument("--max-len", type=int_at_least(2),
+                   help=f"window length for perplexity (>= 2: one context token and one scored token; default "
+                        f"{MAX_LEN}, or the checkpoint's max_position_embeddings if smaller)")
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
     p.set_defaults(run=run)
@@ -38,7 +41,9 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = checkpoint_config(args.ckpt)
     limit = position_limit(args.ckpt)
-    if limit is not None and args.max_len > limit:
+    if args.max_len is None:
+        args.max_len = min(MAX_LEN, limit or MAX_LEN)
+    elif limit is not None and args.max_len > limit:
         raise UsageError(f"--max-len {args.max_len} exceeds the checkpoint's max_position_embeddings {limit}")
     tokenizer = data.load_tokenizer(args.ckpt)
     scoring = data.is_scoring(args.data)

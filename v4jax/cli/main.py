@@ -67,7 +67,7 @@ def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a user can cause; None for a bug."""
     if isinstance(e, USAGE):
         return 2
-    if isinstance(e, V4jaxError | PATH_ERRORS):
+    if isinstance(e, (V4jaxError, *PATH_ERRORS)):
         return 1
     if isinstance(e, KeyboardInterrupt):
         return 130
