@@ -82,6 +82,8 @@ BAD_ARGUMENTS = [
      "argument --save-every: expected an integer >= 1, got '0'"),
     (["train", "--data", "{data}", "--out", "{tmp}/run", "--lr", "nan"],
      "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["generate", "--ids", "1", "--seed", str(2**63)], f"argument --seed: expected an integer in [0, {2**63 - 1}], "
+                                                      f"got '{2**63}'"),
     (["eval", "--data", "{tmp}/missing.jsonl"], "argument --data: {tmp}/missing.jsonl: no such file"),
     (["eval", "--data", "{tmp}"], "argument --data: {tmp}: is a folder, not a file"),
 ]
@@ -145,6 +147,10 @@ def test_generate_checks_ids_prompts_tokenizer_and_mesh_before_loading(word_ckpt
         "v4jax generate: mesh spec 'data=16' needs 16 devices; 8 are available")
     assert fails(capsys, [*g, "--ids", "1", "--mesh", "dta=2"], 2).startswith(
         "v4jax generate: mesh spec 'dta=2': unknown axis 'dta'")
+    assert fails(capsys, [*g, "--ids", "1", "--mesh", "data=2,expert=4"], 2) == (
+        "v4jax generate: a batch of 1 prompts: dim 0 ('batch') of size 1 does not divide by mesh axes ('data',) "
+        "of size 2 (shape (1,))")
+    assert fails(capsys, [*g, "--prompt", "w5 \udcff"], 2) == "v4jax generate: --prompt 'w5 \\udcff': not valid UTF-8"
     err = fails(capsys, ["generate", "--ckpt", str(no_tokenizer), "--prompt", "w5 w9"], 1)
     assert err == f"v4jax generate: {no_tokenizer}: has no tokenizer.json; give --ids instead of --prompt"
 
@@ -165,6 +171,13 @@ def test_eval_reads_and_checks_its_data_before_loading(word_ckpt, limited, tmp_p
                                                  "outside the vocabulary [0, 512)")
     rows = jsonl(tmp_path, b'{"text": "w1 w2"}\n{"text": "\xff"}\n')
     assert fails(capsys, [*e, str(rows)], 1) == f"v4jax eval: {rows}:2: not UTF-8 (byte 10: b'\\xff')"
+    rows = jsonl(tmp_path, b'{"ids": [1]}\n{"ids": [3]}\n')
+    assert fails(capsys, [*e, str(rows)], 1) == f"v4jax eval: {rows}: no document has two or more tokens to score"
+    assert fails(capsys, [*e, str(rows), "--mesh", "data=2,expert=4", "--batch", "3"], 1).startswith(
+        "v4jax eval: ")  # the data is checked first
+    rows = jsonl(tmp_path, b'{"ids": [1, 2]}\n')
+    assert fails(capsys, [*e, str(rows), "--mesh", "data=2,expert=4", "--batch", "3"], 2) == (
+        "v4jax eval: --batch: dim 0 ('batch') of size 3 does not divide by mesh axes ('data',) of size 2 (shape (3,))")
     rows = jsonl(tmp_path, b'{"context": [1], "continuation": [2]}\n{"context": [1]}\n')
     assert fails(capsys, [*e, str(rows)], 1) == (f"v4jax eval: {rows}:2: a scoring record needs 'context' and "
                                                  "'continuation' (missing 'continuation')")

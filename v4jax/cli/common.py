@@ -37,17 +37,20 @@ def _number(kind, value: str, ok, need: str):
     return x
 
 
-def int_at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(value: str) -> int:
-        return _number(int, value, lambda x: x >= low, f"an integer >= {low}")
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= low (and <= high)."""
+    need = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
 
-    parse.__name__ = f"integer >= {low}"
+    def parse(value: str) -> int:
+        return _number(int, value, lambda x: x >= low and (high is None or x <= high), need)
+
+    parse.__name__ = need
     return parse
 
 
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
+prng_seed = int_at_least(0, 2**63 - 1)  # what jax.random.key takes
 
 
 def positive_float(value: str) -> float:
@@ -169,6 +172,15 @@ def mesh_of(spec: str | None):
     from v4jax.sharding import make_mesh
 
     return make_mesh(spec)
+
+
+def check_batch(mesh, rules: str, batch: int, what: str) -> None:
+    """Refuse (ShardingError, a usage error) a batch the rules cannot split over the mesh, before
+    the model loads rather than when the first step is traced."""
+    if mesh is not None:
+        from v4jax.sharding import Layout, get_rules
+
+        Layout(mesh, get_rules(rules)).spec(("batch",), (batch,), what)
 
 
 def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False):

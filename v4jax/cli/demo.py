@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from v4jax.cli.common import CONFIGS, UsageError, nonnegative_int, positive_int, user_path
+from v4jax.cli.common import CONFIGS, UsageError, dir_to_use, positive_int, prng_seed
 
 MESH = "data=2,expert=2,tensor=2"
 PROMPT_LENGTHS = (7, 40, 150, 300)  # one ends inside the first window, one crosses two 128-groups
@@ -28,9 +28,9 @@ def add(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a tiny model over 8 simulated devices",
                        description="Write a random checkpoint, convert it, load it sharded over 8 simulated "
                                    "CPU devices, generate a batch, print tokens/s and KV-cache bytes per token.")
-    p.add_argument("--workdir", type=user_path, help="keep the checkpoints here (default: a temporary folder)")
+    p.add_argument("--workdir", type=dir_to_use, help="keep the checkpoints here (default: a temporary folder)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=prng_seed, default=0)
     p.set_defaults(run=run)
     return p
 

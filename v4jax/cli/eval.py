@@ -8,6 +8,7 @@ import json
 
 from v4jax.cli.common import (
     UsageError,
+    check_batch,
     checkpoint_config,
     existing_dir,
     existing_file,
@@ -17,6 +18,7 @@ from v4jax.cli.common import (
     position_limit,
     positive_int,
 )
+from v4jax.errors import DataError
 
 MAX_LEN = 2048
 
@@ -51,7 +53,10 @@ def run(args: argparse.Namespace) -> None:
         requests = data.scoring_requests(args.data, tokenizer, vocab_size=cfg.vocab_size, max_len=limit)
     else:
         documents = data.documents(args.data, tokenizer, vocab_size=cfg.vocab_size)
+    if not scoring and not any(len(d) >= 2 for d in documents):
+        raise DataError(f"{args.data}: no document has two or more tokens to score")
     mesh = mesh_of(args.mesh)
+    check_batch(mesh, "inference", args.batch, "--batch")
 
     model, on_mesh = load_model(args.ckpt, mesh)
     with on_mesh:

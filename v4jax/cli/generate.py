@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from v4jax.cli.common import (
     UsageError,
+    check_batch,
     checkpoint_config,
     existing_dir,
     load_model,
@@ -20,6 +21,7 @@ from v4jax.cli.common import (
     nonnegative_int,
     position_limit,
     positive_int,
+    prng_seed,
     token_id_list,
     top_p,
 )
@@ -38,7 +40,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=nonnegative_int, default=0, help="0: no limit")
     p.add_argument("--top-p", type=top_p, default=1.0)
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=prng_seed, default=0)
     p.add_argument("--bf16-cache", action="store_true", help="keep KV in the model dtype, not the FP8 layout")
     p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
     p.set_defaults(run=run)
@@ -61,6 +63,10 @@ def run(args: argparse.Namespace) -> None:
     for text in args.prompt:
         if not text:
             raise UsageError("--prompt '': empty prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+            raise UsageError(f"--prompt {text[:30]!r}: not valid UTF-8") from None
         named.append((f"--prompt {text[:30]!r}", tokenizer.encode(text).ids))
     limit = position_limit(args.ckpt)
     for where, ids in named:
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = [ids for _, ids in named]
     stop_tokens = stop_tokens_of(args.ckpt)
     mesh = mesh_of(args.mesh)
+    check_batch(mesh, "inference", len(prompts), f"a batch of {len(prompts)} prompts")
 
     model, _ = load_model(args.ckpt, mesh)  # the Generator applies the rules itself
     # room for every new token, up to the checkpoint's position limit (then a sequence stops: "length")

@@ -10,6 +10,7 @@ else is a bug in v4jax and keeps its traceback; `--debug` shows the traceback of
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -56,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.distributed:
             _join(args)
         args.run(args)
+    except BrokenPipeError:
+        # the reader of stdout went away (`v4jax eval ... | head -1`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
     except BaseException as e:
         code = exit_code(e)
         if code is None or args.debug:
@@ -91,8 +96,6 @@ def _fail(prog: str, text: str, code: int):
 def _join(args: argparse.Namespace) -> None:
     """jax.distributed.initialize (CPU devices exchange collectives over gloo; other backends ignore
     it). Every process runs the command; only process 0 prints its results."""
-    import os
-
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -7,6 +7,7 @@ import argparse
 
 from v4jax.cli.common import (
     UsageError,
+    check_batch,
     checkpoint_config,
     dir_to_use,
     existing_dir,
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
     documents = data.documents(args.data, data.load_tokenizer(args.ckpt), vocab_size=cfg.vocab_size)
     train.packed_batches(documents, args.seq_len, args.batch)  # "fewer than one batch" before the model loads
     mesh = mesh_of(args.mesh)
+    check_batch(mesh, "training", args.batch, "--batch")
 
     model, on_mesh = load_model(args.ckpt, mesh, rules="training", remat=args.remat)
     with on_mesh:  # the optimizer's moments follow their parameters, its step count lands on the mesh
