@@ -165,6 +165,24 @@ def test_prompts_are_checked_before_any_step_runs(model):
     assert gen.compiled_shapes() == 0  # nothing was compiled, let alone run
 
 
+def test_stop_tokens_come_from_generation_config_then_config_and_bad_files_are_named(tmp_path):
+    from v4jax.errors import CheckpointError
+    from v4jax.generate import stop_tokens_of
+
+    assert stop_tokens_of(tmp_path) == []
+    (tmp_path / "config.json").write_text('{"eos_token_id": 1}')
+    assert stop_tokens_of(tmp_path) == [1]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 7]}')
+    assert stop_tokens_of(tmp_path) == [1, 7]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    with pytest.raises(CheckpointError, match=r'generation_config\.json: eos_token_id must be a token id or a list '
+                                              r'of them, got "</s>"$'):
+        stop_tokens_of(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": ')
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: not a JSON file: "):
+        stop_tokens_of(tmp_path)
+
+
 # ---------------------------------------------------------------------------- command line and demo
 def test_cli_generate_completes_a_batch_of_text_and_raw_ids(word_ckpt, capsys):
     from v4jax import cli
