@@ -199,6 +199,9 @@ def test_train_refuses_too_little_data_before_loading_and_writes_nothing(word_ck
     assert fails(capsys, [*t, "--seq-len", "65"], 2) == (
         "v4jax train: --seq-len 65 exceeds the checkpoint's max_position_embeddings 64")
     assert not (tmp_path / "run").exists()
+    err = fails(capsys, ["train", "--ckpt", str(word_ckpt), "--data", str(rows), "--out", str(word_ckpt)], 2)
+    assert err == (f"v4jax train: --out {word_ckpt}: not empty and holds no training checkpoints; refusing to "
+                   "write into it")
 
 
 # ---------------------------------------------------------------------------- the error path itself

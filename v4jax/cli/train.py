@@ -4,6 +4,8 @@ and packed (at least one batch) before the model loads."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from v4jax.cli.common import (
     UsageError,
@@ -44,6 +46,8 @@ def add(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from v4jax import data, train
 
+    if args.out.is_dir() and any(args.out.iterdir()) and not _has_steps(args.out):
+        raise UsageError(f"--out {args.out}: not empty and holds no training checkpoints; refusing to write into it")
     cfg = checkpoint_config(args.ckpt)
     limit = position_limit(args.ckpt)
     if limit is not None and args.seq_len > limit:
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> None:
         opt = train.make_optimizer(model, args.lr)
         checkpoints = train.Checkpoints(args.out)
         step = checkpoints.restore(model, opt) if checkpoints.latest_step() is not None else 0
+        if step >= args.steps:
+            print(f"{args.out}: already at step {step} (--steps {args.steps}); nothing to do", file=sys.stderr)
         batches = train.packed_batches(documents, args.seq_len, args.batch, seed=step)
         while step < args.steps:
             ids, mask = next(batches)
@@ -66,3 +72,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
             if step % args.save_every == 0 or step == args.steps:
                 checkpoints.save(step, model, opt)
+
+
+def _has_steps(folder: Path) -> bool:
+    """Whether a folder holds Orbax step folders ("12", or the temporary "12.orbax-checkpoint-tmp-...")."""
+    return any(p.is_dir() and p.name.split(".")[0].isdigit() for p in folder.iterdir())
