@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from v4jax.config import ModelConfig
+from v4jax.errors import DataError
 from v4jax.evaluate import loglikelihood, perplexity, rolling_windows
 from v4jax.model import Transformer
 
@@ -54,3 +55,17 @@ def test_perplexity_equals_exp_mean_nll(model):
     lp, _ = direct_logprobs(model, doc)
     np.testing.assert_allclose(result["perplexity"], np.exp(-lp.mean()), rtol=1e-5)
     assert result["tokens"] == 39
+
+
+def test_bad_ids_lengths_and_sizes_are_refused_before_scoring(model):
+    with pytest.raises(DataError, match=r"^document 1: token id 512 \(position 0\) is outside the vocabulary"):
+        perplexity(model, [[1, 2], [512]], max_len=8)
+    for bad in (1, 0):  # 1 never advanced (an endless loop), 0 grew memory without bound
+        with pytest.raises(ValueError, match=f"max_len must be >= 2 .*got {bad}"):
+            perplexity(model, [[1, 2, 3]], max_len=bad)
+    with pytest.raises(DataError, match=r"^request 0: token id -3 \(position 1\)"):
+        loglikelihood(model, [([1], [-3])])
+    with pytest.raises(DataError, match=r"^request 1: 5 tokens; at most 4 fit$"):
+        loglikelihood(model, [([1], [2]), ([1, 2, 3], [4, 5])], max_len=4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        loglikelihood(model, [([1], [2])], batch_size=0)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from v4jax.config import ModelConfig
+from v4jax.errors import DataError
 from v4jax.generate import Generator
 from v4jax.model import Transformer
 from v4jax.sampling import Sampling, filter_logits, sample, sequence_keys, token_keys
@@ -153,6 +154,35 @@ def test_generation_stops_at_max_len_and_rejects_prompts_that_do_not_fit(gen):
     assert gen.compiled_shapes() == 2  # width 16 (every prefill chunk) and width 1 (decode)
 
 
+def test_prompts_are_checked_before_any_step_runs(model):
+    gen = Generator(model, batch_size=2, max_len=64, prefill_chunk=16)
+    with pytest.raises(DataError, match=r"^prompt 1: token id 600 \(position 2\) is outside the vocabulary \[0, 512\)$"):
+        gen.generate([[1, 2], [3, 4, 600], [70000000000000000000000]], max_new_tokens=4)
+    with pytest.raises(DataError, match=r"^prompt 0: token id -1 \(position 0\)"):
+        gen.generate([[-1]], max_new_tokens=4)
+    with pytest.raises(DataError, match=r"^prompt 1 has 65 tokens; need 1 \.\. max_len = 64$"):
+        gen.generate([[1], [2] * 65], max_new_tokens=4)
+    assert gen.compiled_shapes() == 0  # nothing was compiled, let alone run
+
+
+def test_stop_tokens_come_from_generation_config_then_config_and_bad_files_are_named(tmp_path):
+    from v4jax.errors import CheckpointError
+    from v4jax.generate import stop_tokens_of
+
+    assert stop_tokens_of(tmp_path) == []
+    (tmp_path / "config.json").write_text('{"eos_token_id": 1}')
+    assert stop_tokens_of(tmp_path) == [1]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 7]}')
+    assert stop_tokens_of(tmp_path) == [1, 7]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    with pytest.raises(CheckpointError, match=r'generation_config\.json: eos_token_id must be a token id or a list '
+                                              r'of them, got "</s>"$'):
+        stop_tokens_of(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": ')
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: not a JSON file: "):
+        stop_tokens_of(tmp_path)
+
+
 # ---------------------------------------------------------------------------- command line and demo
 def test_cli_generate_completes_a_batch_of_text_and_raw_ids(word_ckpt, capsys):
     from v4jax import cli
@@ -180,12 +210,9 @@ def test_text_stream_holds_back_unfinished_utf8():
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_pipeline_on_eight_devices(tmp_path):
-    import io
+def test_demo_runs_the_whole_pipeline_on_eight_devices(tmp_path, capsys):
+    from v4jax.cli.demo import run_demo
 
-    from v4jax.demo import run_demo
-
-    out = io.StringIO()
-    figures = run_demo(tmp_path, max_new_tokens=8, out=out)
-    assert "mesh of 8 simulated CPU devices" in out.getvalue()
+    figures = run_demo(tmp_path, max_new_tokens=8)
+    assert "mesh of 8 simulated CPU devices" in capsys.readouterr().out
     assert figures["decode_tokens_per_second"] > 0 and 0 < figures["kv_bytes_per_token_1m"] < 1000

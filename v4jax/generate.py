@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,11 @@ import numpy as np
 from flax import nnx
 
 from v4jax.cache import init_cache
-from v4jax.evaluate import bucket
+from v4jax.errors import CheckpointError, DataError
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
 from v4jax.placement import cache_shardings
 from v4jax.sharding import fetch, use_rules
+from v4jax.tokens import bucket, check_token_ids
 
 
 class Controls(NamedTuple):
@@ -76,6 +76,8 @@ class Generator:
 
     def __init__(self, model, *, batch_size: int = 1, max_len: int = 4096, prefill_chunk: int = 512,
                  min_bucket: int = 16, quantized_cache: bool = False, mesh=None, rules="inference"):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
         if prefill_chunk < min_bucket or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two >= min_bucket ({min_bucket}), got {prefill_chunk}")
         self.cfg = model.cfg
@@ -169,10 +171,14 @@ class Generator:
     # ------------------------------------------------------------------ whole requests
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=Sampling(), seed: int = 0,
                  stop_tokens: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None) -> Generation:
-        """Complete every prompt (batch_size at a time); on_token(request index, token) streams tokens."""
+        """Complete every prompt (batch_size at a time); on_token(request index, token) streams tokens.
+        Every prompt is checked (length, token ids) before any is run."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         for i, p in enumerate(prompts):
             if not 0 < len(p) <= self.max_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 .. max_len = {self.max_len}")
+                raise DataError(f"prompt {i} has {len(p)} tokens; need 1 .. max_len = {self.max_len}")
+            check_token_ids(p, self.cfg.vocab_size, f"prompt {i}")
         result = Generation([], sum(len(p) for p in prompts), 0.0, 0.0, 0)
         for first in range(0, len(prompts), self.batch_size):
             self._generate_batch(result, prompts[first:first + self.batch_size], first, max_new_tokens, sampling,
@@ -222,7 +228,7 @@ def _where_rows(rows, new, old):
     return jnp.where(rows[:, None], new, old)
 
 
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------- text and stop tokens
 class TextStream:
     """Incremental detokenisation: push a token, get the text it completes.
 
@@ -246,46 +252,15 @@ def stop_tokens_of(ckpt: str | Path) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = Path(ckpt) / name
         if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+            eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
             if eos is not None:
-                return list(eos) if isinstance(eos, list) else [eos]
+                eos = eos if isinstance(eos, list) else [eos]
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+                    raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, "
+                                          f"got {json.dumps(raw['eos_token_id'])}")
+                return eos
     return []
-
-
-def print_generation(model, prompts: Sequence[Sequence[int]], *, tokenizer=None, max_new_tokens: int = 64,
-                     sampling: Sampling = Sampling(), seed: int = 0, stop_tokens: Sequence[int] = (),
-                     quantized_cache: bool = True, mesh=None, out: TextIO | None = None,
-                     log: TextIO | None = None) -> Generation:
-    """What `v4jax generate` does: one prompt streams its text (or token ids) as tokens come, a batch
-    prints every completion at the end, throughput and KV-cache size go to `log` (default stderr)."""
-    from v4jax.cache import cache_bytes_per_token
-
-    out, log = out or sys.stdout, log or sys.stderr
-
-    max_len = max(len(p) for p in prompts) + max_new_tokens
-    gen = Generator(model, batch_size=len(prompts), max_len=max_len, prefill_chunk=min(512, bucket(max_len)),
-                    quantized_cache=quantized_cache, mesh=mesh)
-
-    def render(tokens: Sequence[int]) -> str:
-        return tokenizer.decode(list(tokens)) if tokenizer else " ".join(map(str, tokens))
-
-    on_token = None
-    if len(prompts) == 1:
-        stream = TextStream(tokenizer) if tokenizer else None
-
-        def on_token(_: int, token: int) -> None:
-            out.write(stream.push(token) if stream else f"{token} ")
-            out.flush()
-
-    result = gen.generate(prompts, max_new_tokens, sampling, seed, stop_tokens, on_token)
-    if len(prompts) == 1:
-        out.write("\n")
-    else:
-        for i, seq in enumerate(result.sequences):
-            out.write(f"[{i}] {render(seq.tokens)}\n")
-    per_token = cache_bytes_per_token(model.cfg, max_len, quantized_cache)
-    log.write(f"{result.prompt_tokens} prompt tokens, prefill {result.prefill_seconds:.2f} s (compile included); "
-              f"{result.new_tokens} new tokens, decode {result.decode_tokens_per_second:.1f} tokens/s at batch "
-              f"{len(prompts)}; KV cache {per_token:.0f} bytes/token ({'FP8' if quantized_cache else model.cfg.dtype} "
-              f"layout)\n")
-    return result

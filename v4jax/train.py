@@ -19,8 +19,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from v4jax.evaluate import token_logprobs
+from v4jax.errors import DataError
 from v4jax.optim import OptimizerConfig, make_transform
+from v4jax.tokens import token_logprobs
 
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
@@ -63,16 +64,28 @@ def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0):
 
 def packed_batches(documents: Sequence[Sequence[int]], seq_len: int, batch_size: int, seed: int = 0,
                    eos_id: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless shuffled batches of documents packed into [batch, seq_len] rows (EOS between them)."""
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), eos_id) for d in documents])
+    """Endless shuffled batches of documents packed into [batch, seq_len] rows (EOS between them).
+
+    The documents are packed (and refused if they fill less than one batch) when this is
+    called, not at the first batch, so bad data fails before any training step runs.
+    """
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
+    documents = [d for d in documents if len(d)]
+    stream = np.concatenate([np.append(np.asarray(d, np.int32), eos_id) for d in documents]) if documents else []
     n_rows = len(stream) // seq_len
     if n_rows < batch_size:
-        raise ValueError(f"data has {len(stream)} tokens: fewer than one batch of {batch_size} x {seq_len}")
+        raise DataError(f"data has {len(stream)} tokens (with an EOS after each document): fewer than one batch "
+                        f"of {batch_size} x {seq_len}")
     rows = stream[:n_rows * seq_len].reshape(n_rows, seq_len)
-    rng = np.random.default_rng(seed)
+    return _shuffled(rows, batch_size, np.random.default_rng(seed))
+
+
+def _shuffled(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """rows: [n_rows, seq_len] -> endless [batch, seq_len] batches, each epoch in a new random order."""
     while True:
-        order = rng.permutation(n_rows)
-        for i in range(0, n_rows - batch_size + 1, batch_size):
+        order = rng.permutation(len(rows))
+        for i in range(0, len(rows) - batch_size + 1, batch_size):
             batch = rows[order[i:i + batch_size]]
             yield batch, np.ones_like(batch)
 

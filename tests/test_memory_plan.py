@@ -1,15 +1,14 @@
 """The memory plan: exact bytes at rest, compiled temporaries, mesh choice, the command line."""
 
-import argparse
-
 import jax
 import pytest
 from flax import nnx
 
 from v4jax import sharding as sh
 from v4jax.cli import main as cli_main
+from v4jax.cli.main import build_parser
 from v4jax.config import ModelConfig
-from v4jax.sharding import plan
+from v4jax import memory_plan as plan
 
 
 def test_reduced_depth_keeps_every_layer_kind_and_the_mtp_block():
@@ -44,9 +43,9 @@ def test_best_mesh_skips_meshes_the_rules_refuse():
 
 @pytest.mark.slow
 def test_plan_command_prints_params_cache_and_compiled_temporaries(capsys):
-    args = argparse.Namespace(models=["configs/tiny.json"], weights=["bfloat16"], contexts=["1024"], devices=[8],
-                              fit=None, fit_sizes=[8], batch=1, chunk=64, temp_reps=1, json=None)
-    (p,) = plan.run(args)
+    args = build_parser().parse_args(["plan", "--models", "configs/tiny.json", "--weights", "bfloat16",
+                                      "--contexts", "1024", "--devices", "8", "--chunk", "64", "--temp-reps", "1"])
+    (p,) = args.run(args)
     assert p.devices == 8 and p.context == 1024
     assert p.temp_depth == plan.reduced_depth(ModelConfig.from_json("configs/tiny.json"), 1).num_hidden_layers
     assert p.prefill.temporaries > 0 and p.decode.temporaries > 0

@@ -11,15 +11,11 @@ those of the full depth when compiling the full model is too slow.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import importlib.resources
 import json
 import math
-import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
-from v4jax.sharding.experts import check_expert_layout
-from v4jax.sharding.mesh import describe, make_mesh, simulate_cpu_devices
+from v4jax.model import Transformer
 from v4jax.placement import shard_cache
+from v4jax.sharding.experts import check_expert_layout
+from v4jax.sharding.mesh import describe, make_mesh
 from v4jax.sharding.placement import bytes_per_device, shard_model
 from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
 
@@ -79,8 +76,6 @@ def reduced_depth(cfg: ModelConfig, reps: int = 2) -> ModelConfig:
 
 
 def abstract_model(cfg: ModelConfig) -> nnx.Module:
-    from v4jax.model import Transformer  # v4jax.model imports this package
-
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
@@ -193,9 +188,11 @@ def plan_memory(cfg: ModelConfig, mesh: Mesh, rules="inference", *, model: str =
 
 def smallest_fit(cfg: ModelConfig, capacities: Sequence[float], sizes: Sequence[int], rules="inference", *,
                  model: str = "", batch: int = 1, context: int = 131072, chunk: int = 4096,
-                 temp_reps: int | None = None, log=print) -> dict[float, MemoryPlan | None]:
+                 temp_reps: int | None = None,
+                 on_plan: Callable[[MemoryPlan], None] | None = None) -> dict[float, MemoryPlan | None]:
     """For each device capacity (bytes), the plan of the smallest device count in `sizes` whose best
-    mesh holds parameters + cache + temporaries. Compiles only where parameters + cache fit."""
+    mesh holds parameters + cache + temporaries. Compiles only where parameters + cache fit;
+    on_plan(plan) is called with each plan as it is compiled (they take minutes on a full model)."""
     rules = get_rules(rules)
     abstract = abstract_model(cfg)
     left = sorted(capacities)[::-1]  # largest capacity fits first
@@ -208,7 +205,8 @@ def smallest_fit(cfg: ModelConfig, capacities: Sequence[float], sizes: Sequence[
             continue
         plan = plan_memory(cfg, best[0], rules, model=model, batch=batch, context=context, chunk=chunk,
                            temp_reps=temp_reps)
-        log(format_plans([plan]).splitlines()[-1])
+        if on_plan is not None:
+            on_plan(plan)
         while left and plan.fits(left[0]):
             found[left.pop(0)] = plan
     return found
@@ -240,79 +238,9 @@ def format_fits(fits, capacities_gb: Sequence[float]) -> str:
     return "\n".join(rows)
 
 
-CONTEXTS = {"128K": 131072, "1M": 1048576}
-CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `tools/plan.py` and `v4jax plan`."""
-    p.add_argument("--models", nargs="+", default=["flash", "pro"], help="configs/<name>.json or a config path")
-    p.add_argument("--weights", nargs="+", default=["quantized", "bfloat16"], choices=["quantized", "bfloat16"],
-                   help="kept FP8/FP4 codes + scales, or dequantised to bf16")
-    p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), help="128K, 1M or a token count")
-    p.add_argument("--devices", nargs="+", type=int, default=[8, 16, 64, 256], help="device counts (table mode)")
-    p.add_argument("--fit", nargs="+", type=float, metavar="GB",
-                   help="device memory sizes in GB (1e9): find the smallest fitting device count instead")
-    p.add_argument("--fit-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-                   help="device counts --fit tries")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
-    p.add_argument("--temp-reps", type=int, default=None,
-                   help="compile temporaries on a copy with at most this many layers per scan segment")
-    p.add_argument("--json", type=Path, help="also write the plans here")
-
-
-def simulate_devices(n: int) -> None:
-    """Ask for n simulated CPU devices (before JAX starts its backend) and turn off XLA:CPU's
-    loop-invariant code motion, which hoists whole-stack dtype conversions out of the layer
-    loop: a CPU-only temporary that would otherwise dominate the plan."""
-    simulate_cpu_devices(n)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def run(args: argparse.Namespace, log=print) -> list[MemoryPlan]:
-    """Print the table of plans (or, with --fit, the smallest fitting meshes); returns the plans."""
-    simulate_devices(max(args.fit_sizes if args.fit else args.devices))
-    plans, fits = [], []
-    for name in args.models:
-        path = Path(name) if name.endswith(".json") else Path(str(CONFIGS / f"{name}.json"))
-        for weights in args.weights:
-            cfg = ModelConfig.from_json(path, quantized=weights == "quantized")
-            for ctx in args.contexts:
-                common = dict(model=path.stem, batch=args.batch, context=CONTEXTS.get(ctx) or int(ctx),
-                              chunk=args.chunk, temp_reps=args.temp_reps)
-                if args.fit:
-                    found = smallest_fit(cfg, [gb * 1e9 for gb in args.fit], args.fit_sizes, **common,
-                                         log=lambda line: log(line, flush=True))
-                    fits.append((path.stem, weights, ctx, found))
-                    plans += [p for p in dict.fromkeys(found.values()) if p is not None]
-                    continue
-                abstract = abstract_model(cfg)
-                for n in args.devices:
-                    best = best_mesh(abstract, n, "inference", args.batch, common["context"])
-                    if best is None:
-                        log(f"| {path.stem} | {weights} | {ctx} | {n} | no mesh the rules accept |", flush=True)
-                        continue
-                    plans.append(plan_memory(cfg, best[0], **common))
-                    log(format_plans(plans[-1:]).splitlines()[-1], flush=True)
-    log()
-    log(format_plans(plans))
-    if args.fit:
-        log()
-        log(format_fits(fits, args.fit))
-    if args.json:
-        args.json.write_text(to_json(plans))
-    return plans
-
-
 def _tokens(n: int) -> str:
     return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def to_json(plans: Sequence[MemoryPlan]) -> str:
     return json.dumps([dataclasses.asdict(p) | {"peak": p.peak} for p in plans], indent=1)
-
-
-

@@ -1,0 +1,193 @@
+"""What every verb shares: argument types that refuse bad values at parse time, user paths made
+absolute once, the cheap checks of a checkpoint folder, and loading a model onto a mesh.
+
+An argument type raises `argparse.ArgumentTypeError`, which the parser turns into the one-line
+`v4jax VERB: argument --name: ...` usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.resources
+import json
+import math
+import os
+from pathlib import Path
+
+from v4jax.config import ModelConfig
+from v4jax.errors import CheckpointError, V4jaxError
+
+CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
+PUBLISHED_INDEX = "model.safetensors.index.json"
+
+
+class UsageError(V4jaxError):
+    """Options that contradict each other or the checkpoint (exit 2, like a bad argument)."""
+
+
+# ---------------------------------------------------------------------------- numbers
+def _number(kind, value: str, ok, need: str):
+    try:
+        x = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {need}, got {value!r}") from None
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"expected {need}, got {value!r}")
+    return x
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= low (and <= high)."""
+    need = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(value: str) -> int:
+        return _number(int, value, lambda x: x >= low and (high is None or x <= high), need)
+
+    parse.__name__ = need
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+prng_seed = int_at_least(0, 2**63 - 1)  # what jax.random.key takes
+
+
+def positive_float(value: str) -> float:
+    return _number(float, value, lambda x: math.isfinite(x) and x > 0, "a finite number > 0")
+
+
+def nonnegative_float(value: str) -> float:
+    return _number(float, value, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
+
+
+def top_p(value: str) -> float:
+    return _number(float, value, lambda x: 0 < x <= 1, "a probability in (0, 1]")
+
+
+def token_id_list(value: str) -> list[int]:
+    """ "1,2,3" -> [1, 2, 3]: non-negative integers, no empty items (the vocabulary bound is checked
+    against the checkpoint's config before its model loads)."""
+    items = [s.strip() for s in value.split(",")]
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected token ids such as 1,2,3, got {value!r}")
+    bad = next((s for s in items if not (s.isascii() and s.isdigit())), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"expected token ids such as 1,2,3; {bad!r} in {value!r} is not a "
+                                         "non-negative integer")
+    return [int(s) for s in items]
+
+
+# ---------------------------------------------------------------------------- paths
+def user_path(value: str) -> Path:
+    """A path as given (relative to the working directory, ~ expanded), made absolute once here:
+    Orbax and the staging folders need absolute paths."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(os.path.expanduser(value)).absolute()
+
+
+def existing_dir(value: str) -> Path:
+    path = user_path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: not a folder")
+    return path
+
+
+def existing_file(value: str) -> Path:
+    path = user_path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    return path
+
+
+def new_dir(value: str) -> Path:
+    """A folder to create: refused if anything (even a dangling link) is there, or if an existing
+    ancestor is not a folder."""
+    path = user_path(value)
+    if path.exists() or path.is_symlink():
+        raise argparse.ArgumentTypeError(f"{path}: already exists; refusing to overwrite")
+    _check_ancestors(path)
+    return path
+
+
+def dir_to_use(value: str) -> Path:
+    """A folder that may exist already (e.g. a training run to resume) or is created."""
+    path = user_path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: exists and is not a folder")
+    _check_ancestors(path)
+    return path
+
+
+def new_file(value: str) -> Path:
+    """A file to write (replaced if it is there), in a folder that exists."""
+    path = user_path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent}: no such folder")
+    return path
+
+
+def _check_ancestors(path: Path) -> None:
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent}: not a folder, so {path} cannot be created in it")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_config(ckpt: Path) -> ModelConfig:
+    """The config of a published or converted checkpoint folder, read without its weights."""
+    from v4jax.checkpoint import converted_config
+
+    if (ckpt / PUBLISHED_INDEX).is_file():
+        return ModelConfig.from_json(ckpt / "config.json")
+    try:
+        return converted_config(ckpt)
+    except CheckpointError:
+        raise CheckpointError(f"{ckpt}: not a checkpoint folder (neither a published one with {PUBLISHED_INDEX} "
+                              "nor a converted v4jax one)") from None
+
+
+def position_limit(ckpt: Path) -> int | None:
+    """max_position_embeddings of the checkpoint's config.json (None where it gives none): the
+    longest sequence the published model is meant to run."""
+    raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    limit = raw.get("max_position_embeddings")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def mesh_of(spec: str | None):
+    """The mesh a --mesh spec names over the available devices (None: one device); a spec needing
+    more devices than exist is a MeshError (a usage error), raised before anything loads."""
+    if spec is None:
+        return None
+    from v4jax.sharding import make_mesh
+
+    return make_mesh(spec)
+
+
+def check_batch(mesh, rules: str, batch: int, what: str) -> None:
+    """Refuse (ShardingError, a usage error) a batch the rules cannot split over the mesh, before
+    the model loads rather than when the first step is traced."""
+    if mesh is not None:
+        from v4jax.sharding import Layout, get_rules
+
+        Layout(mesh, get_rules(rules)).spec(("batch",), (batch,), what)
+
+
+def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False):
+    """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
+    under those rules (a no-op context without a mesh)."""
+    from v4jax import load_pretrained
+    from v4jax.sharding import use_rules
+
+    model = load_pretrained(ckpt, mesh=mesh, rules=rules, remat=remat)
+    return model, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()

@@ -1,0 +1,113 @@
+"""`v4jax plan`: per-device memory of Flash / Pro on simulated meshes (`--fit`: the smallest mesh
+per device size). What is measured and how: `v4jax.memory_plan`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from v4jax.cli.common import CONFIGS, existing_file, new_file, nonnegative_int, positive_float, positive_int
+
+CONTEXTS = {"128K": 131072, "1M": 1048576}
+
+
+def add(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", help="per-device memory of Flash / Pro on simulated meshes",
+                       description="Lower prefill and decode with abstract parameters on simulated CPU meshes "
+                                   "and print per-device parameter, cache and temporary memory (--fit: the "
+                                   "smallest mesh per device size).")
+    p.add_argument("--models", nargs="+", type=model_config, default=[model_config("flash"), model_config("pro")],
+                   help="a packaged config (flash, pro, flash-base, pro-base, tiny) or a config.json path")
+    p.add_argument("--weights", nargs="+", default=["quantized", "bfloat16"], choices=["quantized", "bfloat16"],
+                   help="kept FP8/FP4 codes + scales, or dequantised to bf16")
+    p.add_argument("--contexts", nargs="+", type=context, default=[context(c) for c in CONTEXTS], help="128K, 1M or a token count")
+    p.add_argument("--devices", nargs="+", type=positive_int, default=[8, 16, 64, 256], help="device counts (table mode)")
+    p.add_argument("--fit", nargs="+", type=positive_float, metavar="GB",
+                   help="device memory sizes in GB (1e9): find the smallest fitting device count instead")
+    p.add_argument("--fit-sizes", nargs="+", type=positive_int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                   help="device counts --fit tries")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--temp-reps", type=nonnegative_int, default=1,
+                   help="compile temporaries on a copy with at most this many layers per scan segment "
+                        "(default 1, as the README's tables; 0: the full depth, slow)")
+    p.add_argument("--json", type=new_file, help="also write the plans here")
+    p.set_defaults(run=run)
+    return p
+
+
+def model_config(value: str) -> Path:
+    if value.endswith(".json"):
+        return existing_file(value)
+    path = Path(str(CONFIGS / f"{value}.json"))
+    if not path.is_file():
+        names = sorted(p.name.removesuffix(".json") for p in CONFIGS.iterdir() if p.name.endswith(".json"))
+        raise argparse.ArgumentTypeError(f"{value!r} is not a packaged config ({', '.join(names)}) nor a .json path")
+    return path
+
+
+def context(value: str) -> tuple[str, int]:
+    """ "128K", "1M" or a token count -> (label, tokens)."""
+    if value in CONTEXTS:
+        return value, CONTEXTS[value]
+    return value, positive_int(value)
+
+
+def simulate_devices(n: int) -> None:
+    """Ask for n simulated CPU devices (before JAX starts its backend) and turn off XLA:CPU's
+    loop-invariant code motion, which hoists whole-stack dtype conversions out of the layer
+    loop: a CPU-only temporary that would otherwise dominate the plan."""
+    from v4jax.sharding import simulate_cpu_devices
+
+    simulate_cpu_devices(n)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def run(args: argparse.Namespace):
+    """Print the table of plans (or, with --fit, the smallest fitting meshes); returns the plans."""
+    from v4jax.config import ModelConfig
+    from v4jax.memory_plan import (
+        abstract_model,
+        best_mesh,
+        format_fits,
+        format_plans,
+        plan_memory,
+        smallest_fit,
+        to_json,
+    )
+
+    def row(plan) -> None:
+        print(format_plans([plan]).splitlines()[-1], flush=True)
+
+    simulate_devices(max(args.fit_sizes if args.fit else args.devices))
+    temp_reps = args.temp_reps or None
+    plans, fits = [], []
+    for path in args.models:
+        for weights in args.weights:
+            cfg = ModelConfig.from_json(path, quantized=weights == "quantized")
+            for label, tokens in args.contexts:
+                common = dict(model=path.stem, batch=args.batch, context=tokens, chunk=args.chunk, temp_reps=temp_reps)
+                if args.fit:
+                    found = smallest_fit(cfg, [gb * 1e9 for gb in args.fit], args.fit_sizes, **common, on_plan=row)
+                    fits.append((path.stem, weights, label, found))
+                    plans += [p for p in dict.fromkeys(found.values()) if p is not None]
+                    continue
+                abstract = abstract_model(cfg)
+                for n in args.devices:
+                    best = best_mesh(abstract, n, "inference", args.batch, tokens)
+                    if best is None:
+                        print(f"| {path.stem} | {weights} | {label} | {n} | no mesh the rules accept |", flush=True)
+                        continue
+                    plans.append(plan_memory(cfg, best[0], **common))
+                    row(plans[-1])
+    print()
+    print(format_plans(plans))
+    if args.fit:
+        print()
+        print(format_fits(fits, args.fit))
+    if args.json:
+        args.json.write_text(to_json(plans))
+    return plans
