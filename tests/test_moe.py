@@ -125,7 +125,7 @@ def test_tile_rows_bound_padding_and_auto_choice():
     assert moe.tile_rows(4096 * 6, 8) == 128 and moe.tile_rows(6, 256) == 1
     for nk, e in [(24576, 256), (2048, 64), (100, 8), (7, 3)]:
         t = moe.tile_rows(nk, e)
-        assert t == 1 or 4 * (t - 1) * min(e, nk) <= nk  # padding within a quarter of the rows
+        assert t == 1 or 3 * (t - 1) * min(e, nk) <= nk  # padding within a third of the rows
     assert moe.choose_impl(None, 6, 256) == "gather"  # decode
     assert moe.choose_impl(None, 4096 * 6, 256) == moe.MOE_IMPL[jax.default_backend()]
     assert moe.choose_impl("ragged", 6, 256) == "ragged"
@@ -139,7 +139,7 @@ def test_moe_impl_is_a_runtime_option():
 
 
 def test_decode_reads_only_the_selected_kept_quantised_experts():
-    """The compiled decode-sized call reads about the same bytes with 8 and 64 FP4 experts."""
+    """The compiled decode-sized call reads about the same bytes with 8 and 256 FP4 experts."""
     def bytes_accessed(n_exp):
         codes = jax.ShapeDtypeStruct((n_exp, F, D // 2), jnp.int8)
         scales = jax.ShapeDtypeStruct((n_exp, F, D // quant.FP4_GROUP), jnp.float32)
@@ -153,9 +153,9 @@ def test_decode_reads_only_the_selected_kept_quantised_experts():
         return fn.lower(x, ids, jax.ShapeDtypeStruct((1, K), jnp.float32), ws).compile().cost_analysis()[
             "bytes accessed"]
 
-    small, large = bytes_accessed(8), bytes_accessed(64)
-    selected = 3 * K * F * D * (0.5 + 4 / quant.FP4_GROUP)  # codes + scales of the K experts
-    assert large < 1.2 * small and large < 20 * selected
+    small, large = bytes_accessed(8), bytes_accessed(256)
+    stack = 3 * 256 * F * D * (0.5 + 4 / quant.FP4_GROUP)  # codes + scales of all 256 experts
+    assert large < 1.1 * small and large < stack / 4
 
 
 @pytest.mark.parametrize("spec, dispatch", [("expert=8", "gather"), ("data=2,expert=4", "a2a")])

@@ -57,17 +57,20 @@ def clamped_swiglu(g, v, limit: float):
 MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "tiled"}
 MOE_IMPLS = ("ragged", "tiled", "gather")
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
+MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
 
 
 def tile_rows(n_assign: int, n_experts: int) -> int:
-    """Rows per tile: the largest power of two <= MAX_TILE whose padding stays within a quarter of the work.
+    """Rows per tile: the largest power of two <= MAX_TILE whose padding stays within a third of the work.
 
     Padding each non-empty expert to a tile multiple adds at most tile - 1 rows per
-    expert, and at most min(E, n_assign) experts are non-empty.
+    expert, and at most min(E, n_assign) experts are non-empty. Larger tiles move
+    fewer weight bytes (every tile gathers its expert's matrices), smaller ones
+    multiply fewer padding rows.
     """
     busy = min(n_experts, n_assign)
     t = 1
-    while t < MAX_TILE and 4 * (2 * t - 1) * busy <= n_assign:
+    while t < MAX_TILE and 3 * (2 * t - 1) * busy <= n_assign:
         t *= 2
     return t
 
@@ -83,6 +86,20 @@ def choose_impl(impl: str | None, n_assign: int, n_experts: int) -> str:
     return MOE_IMPL.get(jax.default_backend(), "tiled")
 
 
+def _take(w, idx):
+    """w[idx] for w: [E, ...], idx: [...] int -> [..., ...].
+
+    A few matrices (decode) are taken as separate dynamic slices: XLA's cost model
+    counts a gather fused into its consumer as a read of the whole expert stack, a
+    dynamic slice as the slice it reads.
+    """
+    if idx.size > MAX_SLICES:
+        return w[idx]
+    flat = idx.reshape(-1)
+    taken = [jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False) for j in range(flat.size)]
+    return jnp.stack(taken).reshape(*idx.shape, *w.shape[1:])
+
+
 def take_experts(w, idx, dtype):
     """Expert matrices w[idx] in `dtype`: idx [...] int -> [..., out, in].
 
@@ -91,11 +108,11 @@ def take_experts(w, idx, dtype):
     them first, once, when idx takes more matrices than there are experts).
     """
     if not isinstance(w, tuple):
-        return w[idx].astype(dtype)
+        return _take(w, idx).astype(dtype)
     codes, scales = w
     if idx.size >= codes.shape[0]:
         return quant.dequant(codes, scales, dtype)[idx]
-    return quant.dequant(codes[idx], scales[idx], dtype)
+    return quant.dequant(_take(codes, idx), _take(scales, idx), dtype)
 
 
 def n_local_experts(w) -> int:
