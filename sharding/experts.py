@@ -27,24 +27,34 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from v4jax import quant
+
 from v4jax.sharding.rules import Layout, ShardingError, active_rules
 
 
 def expert_dispatch(local_fn, x, ids, weights, w1, w2, w3, **kwargs):
     """Routed experts for x: [N, dim] with ids, weights: [N, k]; w1, w3: [E, F, dim], w2: [E, dim, F].
 
-    `local_fn(x, ids, weights, w1, w2, w3, n_experts=E_local, **kwargs)` is the
-    single-device grouped-expert FFN (moe.grouped_experts). Returns [N, dim] float32.
+    Each weight is an array or a tuple of arrays split alike along (experts, out, in)
+    (kept-quantised codes and scales). `local_fn(x, ids, weights, w1, w2, w3,
+    n_experts=E_local, **kwargs)` is the single-device grouped-expert FFN
+    (moe.grouped_experts). Returns [N, dim] float32.
     """
+    n_exp, f = jax.tree.leaves(w1)[0].shape[:2]
     layout = active_rules()
     if layout is None:
-        return local_fn(x, ids, weights, w1, w2, w3, n_experts=w1.shape[0], **kwargs)
-    plan = _Plan(layout, x, w1, kwargs.get("act_quant", False))
+        return local_fn(x, ids, weights, w1, w2, w3, n_experts=n_exp, **kwargs)
+    plan = _Plan(layout, x, n_exp, f, kwargs.get("act_quant", False))
     body = {"gather": _gather_body, "a2a": _a2a_body, "ragged": _ragged_body}[layout.dispatch]
     tok, exp, ffn = _spec(plan.tok), _spec(plan.exp), _spec(plan.ffn)
+
+    def split(w, spec):
+        return jax.tree.map(lambda _: spec, w)
+
     fn = jax.shard_map(
         lambda *a: body(plan, local_fn, kwargs, *a), mesh=layout.mesh,
-        in_specs=(P(tok, None), P(tok, None), P(tok, None), P(exp, ffn, None), P(exp, None, ffn), P(exp, ffn, None)),
+        in_specs=(P(tok, None), P(tok, None), P(tok, None), split(w1, P(exp, ffn, None)),
+                  split(w2, P(exp, None, ffn)), split(w3, P(exp, ffn, None))),
         out_specs=P(tok, None), check_vma=False)
     return fn(x, ids, weights.astype(jnp.float32), w1, w2, w3)
 
@@ -63,16 +73,15 @@ def check_expert_layout(layout: Layout, n_experts: int, ffn: int, act_quant: boo
         raise ShardingError(f"{what}: mesh axes {sorted(set(ffn_axes) & set(tok))} split both the tokens "
                             f"('batch'/'seq') and the expert FFN width ('mlp_moe')")
     f_local = ffn // layout.size(ffn_axes)
-    if act_quant and ffn_axes and f_local % 128:
+    if act_quant and ffn_axes and f_local % quant.FP8_BLOCK:
         raise ShardingError(f"{what}: 'mlp_moe' over {ffn_axes} leaves F_local = {f_local}, not a multiple of "
-                            f"the FP8 activation block (128), so quantisation blocks would straddle devices")
+                            f"the FP8 activation block ({quant.FP8_BLOCK}), so quantisation blocks would straddle devices")
 
 
 class _Plan:
     """Which mesh axes split tokens, experts and the expert FFN width, checked against the shapes."""
 
-    def __init__(self, layout: Layout, x, w1, act_quant: bool):
-        n_exp, f, _ = w1.shape
+    def __init__(self, layout: Layout, x, n_exp: int, f: int, act_quant: bool):
         check_expert_layout(layout, n_exp, f, act_quant)
         self.layout = layout
         self.tok = layout.live_axes("batch") + layout.live_axes("seq")  # rows of x are [batch, seq] flattened

@@ -111,6 +111,7 @@ class ModelConfig:
     quant_sim: bool = True  # FP8 act quant, FP8 KV and FP4 indexer fake-quant (spec §2.13)
     quantized: bool = False  # keep FP8/FP4 codes + scales as parameters
     remat: bool = False  # rematerialise each scanned block in the backward pass
+    moe_impl: str | None = None  # routed-expert matmul: None = per backend (moe.MOE_IMPL), or one of moe.MOE_IMPLS
 
     _REQUIRED = (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -168,7 +169,7 @@ class ModelConfig:
         missing = [k for k in cls._REQUIRED if k not in fields]
         if missing:
             raise ConfigError(f"{source}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
-        bad_runtime = set(runtime) - {"dtype", "quant_sim", "quantized", "remat"}
+        bad_runtime = set(runtime) - {"dtype", "quant_sim", "quantized", "remat", "moe_impl"}
         if bad_runtime:
             raise ConfigError(f"unknown runtime option {sorted(bad_runtime)[0]!r}")
         cfg = cls(**fields, **runtime)

@@ -28,6 +28,23 @@ def kernel(owner: nnx.Module, dtype):
     return owner.weight[...].astype(dtype)
 
 
+def unit_scale(in_dim: int) -> float:
+    """The power of two nearest in_dim^-1/2: the scale that gives random unit codes a unit-variance output."""
+    return 2.0 ** -round(math.log2(in_dim) / 2)
+
+
+def random_fp8(rngs: nnx.Rngs, shape: tuple[int, ...], axes) -> tuple[nnx.Variable, nnx.Variable]:
+    """Random E4M3 codes [..., out, in] and their [..., out/128, in/128] block scales.
+
+    Codes of unit scale times one power-of-two block scale: valid FP8 data for a
+    freshly built model (real weights come from a checkpoint).
+    """
+    *lead, out_dim, in_dim = shape
+    blocks = (*lead, -(-out_dim // quant.FP8_BLOCK), -(-in_dim // quant.FP8_BLOCK))
+    return (param(normal(rngs, shape, 1.0, jnp.float8_e4m3fn), axes, Quantized),
+            param(jnp.full(blocks, unit_scale(in_dim), jnp.float32), axes, Quantized))
+
+
 class Linear(nnx.Module):
     """A linear layer; `fp8=True` marks the ones the published checkpoint stores in FP8.
 
@@ -41,11 +58,7 @@ class Linear(nnx.Module):
         dtype = dtype or cfg.dtype
         self.act_quant = fp8 and cfg.quant_sim
         if fp8 and cfg.quantized:
-            # Random codes of unit scale times one power-of-two block scale: valid FP8
-            # data for a freshly built model (real weights come from a checkpoint).
-            self.weight = param(normal(rngs, (out_dim, in_dim), 1.0, jnp.float8_e4m3fn), axes, Quantized)
-            blocks = (-(-out_dim // quant.FP8_BLOCK), -(-in_dim // quant.FP8_BLOCK))
-            self.scale = param(jnp.full(blocks, 2.0 ** -round(math.log2(in_dim) / 2), jnp.float32), axes, Quantized)
+            self.weight, self.scale = random_fp8(rngs, (out_dim, in_dim), axes)
         else:
             self.weight = param(normal(rngs, (out_dim, in_dim), in_dim**-0.5, dtype), axes)
 

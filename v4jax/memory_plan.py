@@ -11,7 +11,6 @@ those of the full depth when compiling the full model is too slow.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -87,33 +86,13 @@ def at_rest(abstract: nnx.Module, mesh: Mesh, rules, batch: int, context: int) -
     return params, cache
 
 
-@contextlib.contextmanager
-def grouped_gemm_stand_in():
-    """Lower the grouped expert matmul as a dense matmul with the same operand and result shapes.
-
-    XLA:CPU emulates `ragged_dot` densely, with [rows, E, in] temporaries that no TPU /
-    GPU grouped-GEMM kernel (Megablox, Tokamax, cuBLAS grouped GEMM) allocates; the
-    stand-in has the footprint of such a kernel. Programs lowered under it are only
-    measured, never run.
-    """
-    from v4jax import moe  # v4jax.moe imports this package
-
-    original = moe.ragged_matmul_t
-    moe.ragged_matmul_t = lambda x, w, group_sizes: jnp.einsum(
-        "mi,oi->mo", x, w[0].astype(x.dtype), preferred_element_type=jnp.float32)
-    try:
-        yield
-    finally:
-        moe.ragged_matmul_t = original
-
-
 def compile_step(cfg: ModelConfig, mesh: Mesh, rules, batch: int, context: int, tokens: int,
                  dispatch: str = "gather") -> Step:
     """Lower and compile one forward step of `tokens` tokens into a `context`-token cache; its
-    memory_analysis (grouped expert matmuls lowered as `grouped_gemm_stand_in`)."""
+    memory_analysis."""
     graphdef, state = nnx.split(shard_model(abstract_model(cfg), mesh, rules))
     cache = shard_cache(jax.eval_shape(lambda: init_cache(cfg, batch, context)), mesh, rules)
-    with use_rules(mesh, rules, dispatch=dispatch) as layout, grouped_gemm_stand_in():
+    with use_rules(mesh, rules, dispatch=dispatch) as layout:
         ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32,
                                    sharding=layout.sharding(("batch", None), (batch, tokens), "input ids"))
         lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=layout.sharding(("batch",), (batch,), "lengths"))

@@ -7,7 +7,7 @@ grouped matmul here, expert-parallel ones in `v4jax.sharding`) shares it.
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from flax import nnx
 
 from v4jax import quant
 from v4jax.config import LayerKind, ModelConfig
-from v4jax.linear import Linear, kernel
+from v4jax.errors import ConfigError
+from v4jax.linear import Linear, random_fp8, unit_scale
 from v4jax.params import Constant, Quantized, RouterBias, normal, param
 from v4jax.sharding import expert_dispatch
 
@@ -47,6 +48,77 @@ def clamped_swiglu(g, v, limit: float):
     return jax.nn.silu(g) * v
 
 
+# ---------------------------------------------------------------------------- routed-expert matmuls
+# How the routed experts are multiplied, per backend, for batches with enough (token, expert)
+# assignments to fill tiles: "ragged" where `ragged_dot` runs as a grouped GEMM (TPU: Megablox),
+# "tiled" where it is lowered densely over all experts (XLA:CPU; GPU by default). Smaller
+# batches (decode) take "gather". `ModelConfig.moe_impl` overrides the choice; all three give
+# the same result.
+MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "tiled"}
+MOE_IMPLS = ("ragged", "tiled", "gather")
+MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
+MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
+
+
+def tile_rows(n_assign: int, n_experts: int) -> int:
+    """Rows per tile: the largest power of two <= MAX_TILE whose padding stays within a third of the work.
+
+    Padding each non-empty expert to a tile multiple adds at most tile - 1 rows per
+    expert, and at most min(E, n_assign) experts are non-empty. Larger tiles move
+    fewer weight bytes (every tile gathers its expert's matrices), smaller ones
+    multiply fewer padding rows.
+    """
+    busy = min(n_experts, n_assign)
+    t = 1
+    while t < MAX_TILE and 3 * (2 * t - 1) * busy <= n_assign:
+        t *= 2
+    return t
+
+
+def choose_impl(impl: str | None, n_assign: int, n_experts: int) -> str:
+    """The routed-expert matmul for n_assign (token, expert) assignments over n_experts experts."""
+    if impl is not None:
+        if impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl = {impl!r}: expected one of {MOE_IMPLS}")
+        return impl
+    if tile_rows(n_assign, n_experts) == 1:
+        return "gather"
+    return MOE_IMPL.get(jax.default_backend(), "tiled")
+
+
+def _take(w, idx):
+    """w[idx] for w: [E, ...], idx: [...] int -> [..., ...].
+
+    A few matrices (decode) are taken as separate dynamic slices: XLA's cost model
+    counts a gather fused into its consumer as a read of the whole expert stack, a
+    dynamic slice as the slice it reads.
+    """
+    if idx.size > MAX_SLICES:
+        return w[idx]
+    flat = idx.reshape(-1)
+    taken = [jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False) for j in range(flat.size)]
+    return jnp.stack(taken).reshape(*idx.shape, *w.shape[1:])
+
+
+def take_experts(w, idx, dtype):
+    """Expert matrices w[idx] in `dtype`: idx [...] int -> [..., out, in].
+
+    w: [E, out, in], or (codes, scales) of kept-quantised experts, which are
+    dequantised after the gather so that only the experts taken are decoded (all of
+    them first, once, when idx takes more matrices than there are experts).
+    """
+    if not isinstance(w, tuple):
+        return _take(w, idx).astype(dtype)
+    codes, scales = w
+    if idx.size >= codes.shape[0]:
+        return quant.dequant(codes, scales, dtype)[idx]
+    return quant.dequant(_take(codes, idx), _take(scales, idx), dtype)
+
+
+def n_local_experts(w) -> int:
+    return (w[0] if isinstance(w, tuple) else w).shape[0]
+
+
 def ragged_matmul_t(x, w, group_sizes):
     """x: [M, in] rows sorted by group, w: [G, out, in] -> [M, out] float32 (row r uses its group's w)."""
     dims = jax.lax.RaggedDotDimensionNumbers(
@@ -54,30 +126,104 @@ def ragged_matmul_t(x, w, group_sizes):
     return jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, dims, preferred_element_type=jnp.float32)
 
 
-def grouped_experts(x, ids, weights, w1, w2, w3, *, limit: float, act_quant: bool, n_experts: int):
-    """Routed-expert FFN with tokens sorted by expert (one grouped matmul per projection).
+def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
+    """The expert FFN on rows already laid out for the matmuls mm1, mm3, mm2: [..., in] -> [..., out] f32.
 
-    x: [N, dim]; ids, weights: [N, k]; w1, w3: [E, F, dim]; w2: [E, dim, F] (E local
-    experts; ids outside 0..E-1 contribute nothing). Returns [N, dim] float32, the
-    weighted sum over each token's experts.
+    xs: [..., dim] one row per assignment (zero rows for padding); rw: [...] routing weights.
+    FP8 activation quantisation works per row over the input dim, so padding rows and
+    the layout never change a real row's blocks.
     """
+    if act_quant:
+        xs = quant.fake_quant_fp8(xs, quant.FP8_BLOCK)
+    h = clamped_swiglu(mm1(xs), mm3(xs), limit)
+    # The routing weight scales h before the down projection, as in the reference.
+    h = (h * rw[..., None]).astype(dtype)
+    if act_quant:
+        h = quant.fake_quant_fp8(h, quant.FP8_BLOCK)
+    return mm2(h).astype(dtype).astype(jnp.float32)
+
+
+def _ragged_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
+    """Rows sorted by expert, one `ragged_dot` per projection over all experts."""
     n, k = ids.shape
     flat = ids.reshape(-1)
     local = (flat >= 0) & (flat < n_experts)
     order = jnp.argsort(jnp.where(local, flat, n_experts))  # foreign experts sort last
-    token = order // k
     group_sizes = jnp.bincount(jnp.where(local, flat, n_experts), length=n_experts + 1)[:n_experts]
-    xs = x[token]
-    if act_quant:
-        xs = quant.fake_quant_fp8(xs, quant.FP8_BLOCK)
-    h = clamped_swiglu(ragged_matmul_t(xs, w1, group_sizes), ragged_matmul_t(xs, w3, group_sizes), limit)
-    # The routing weight scales h before the down projection, as in the reference.
-    h = (h * weights.reshape(-1)[order][:, None]).astype(x.dtype)
-    if act_quant:
-        h = quant.fake_quant_fp8(h, quant.FP8_BLOCK)
-    y = ragged_matmul_t(h, w2, group_sizes).astype(x.dtype).astype(jnp.float32)
+    mm1, mm3, mm2 = (functools.partial(ragged_matmul_t, w=take_experts(w, jnp.arange(n_experts), x.dtype),
+                                       group_sizes=group_sizes) for w in (w1, w3, w2))
+    y = _ffn(x[order // k], weights.reshape(-1)[order], mm1, mm3, mm2, dtype=x.dtype, **ffn)
     y = jnp.where(local[order][:, None], y, 0.0)
-    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[order // k].add(y)
+
+
+def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
+    """Assignments sorted by expert, each expert's rows padded to a tile multiple, one batched
+    matmul over the tiles with each tile's expert matrices (gathered per tile, not per row).
+
+    The tile count is static: sum_e ceil(n_e / t) <= (n*k + busy*(t-1)) / t for
+    busy = min(E, n*k) non-empty experts, so no assignment is ever dropped.
+    """
+    n, k = ids.shape
+    nk = n * k
+    t = tile_rows(nk, n_experts)
+    n_tiles = (nk + min(n_experts, nk) * (t - 1)) // t
+    rows = n_tiles * t
+    flat = ids.reshape(-1)
+    expert = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # foreign: E, sorted last
+    order = jnp.argsort(expert, stable=True)
+    sizes = jnp.bincount(expert, length=n_experts + 1)[:n_experts]
+    padded = -(-sizes // t) * t
+    ends = jnp.cumsum(padded)
+    sorted_e = expert[order]
+    e = jnp.minimum(sorted_e, n_experts - 1)
+    rank = jnp.arange(nk) - (jnp.cumsum(sizes) - sizes)[e]
+    # slot[a]: the padded row of assignment a (rows for foreign ones: out of range).
+    slot = jnp.zeros(nk, jnp.int32).at[order].set(jnp.where(sorted_e < n_experts, ends[e] - padded[e] + rank, rows))
+    src = jnp.full(rows, nk, jnp.int32).at[slot].set(jnp.arange(nk, dtype=jnp.int32), mode="drop")  # nk: padding
+    real = src < nk
+    xs = jnp.where(real[:, None], x[jnp.minimum(src // k, n - 1)], 0).reshape(n_tiles, t, -1)  # [tiles, t, dim]
+    rw = jnp.where(real, weights.reshape(-1)[jnp.minimum(src, nk - 1)], 0.0).reshape(n_tiles, t)
+    # Tiles past the last expert's are all padding; they take the last expert's matrices.
+    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * t, side="right"), n_experts - 1)
+
+    def mm(w):
+        wt = take_experts(w, tile_expert, x.dtype)  # [tiles, out, in]
+        return lambda a: jnp.einsum("tri,toi->tro", a, wt, preferred_element_type=jnp.float32)
+
+    y = _ffn(xs, rw, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn).reshape(rows, -1)
+    back = jnp.take(y, slot, axis=0, mode="fill", fill_value=0.0)  # [n*k, dim]; foreign rows 0
+    return back.reshape(n, k, -1).sum(axis=1)
+
+
+def _gathered_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
+    """Each assignment with its own expert's matrices: reads (and decodes) only the selected experts."""
+    local = (ids >= 0) & (ids < n_experts)
+    e = jnp.where(local, ids, 0)
+    x = jnp.broadcast_to(x[:, None], (*ids.shape, x.shape[-1]))  # [N, k, dim]
+
+    def mm(w):
+        wt = take_experts(w, e, x.dtype)  # [N, k, out, in]
+        return lambda a: jnp.einsum("nki,nkoi->nko", a, wt, preferred_element_type=jnp.float32)
+
+    y = _ffn(x, weights, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
+    return jnp.where(local[..., None], y, 0.0).sum(axis=1)
+
+
+_IMPLS = {"ragged": _ragged_experts, "tiled": _tiled_experts, "gather": _gathered_experts}
+
+
+def grouped_experts(x, ids, weights, w1, w2, w3, *, limit: float, act_quant: bool, n_experts: int,
+                    impl: str | None = None):
+    """Routed-expert FFN, work proportional to the (token, expert) assignments (impl: see MOE_IMPL).
+
+    x: [N, dim]; ids, weights: [N, k]; w1, w3: [E, F, dim]; w2: [E, dim, F] (E local
+    experts, each an array or kept-quantised (codes, scales); ids outside 0..E-1
+    contribute nothing). Returns [N, dim] float32, the weighted sum over each token's experts.
+    """
+    fn = _IMPLS[choose_impl(impl, ids.size, n_experts)]
+    return fn(x, jnp.asarray(ids), weights.astype(jnp.float32), w1, w2, w3, n_experts, limit=limit,
+              act_quant=act_quant)
 
 
 class ExpertWeights(nnx.Module):
@@ -86,20 +232,20 @@ class ExpertWeights(nnx.Module):
     def __init__(self, cfg: ModelConfig, n: int, out_dim: int, in_dim: int, rngs: nnx.Rngs, axes):
         if not cfg.quantized:
             self.weight = param(normal(rngs, (n, out_dim, in_dim), in_dim**-0.5, cfg.dtype), axes)
-            return
-        unit = 2.0 ** -round(math.log2(in_dim) / 2)
-        if cfg.expert_dtype == "fp4":
+        elif cfg.expert_dtype == "fp4":
             codes = jax.random.randint(rngs.params(), (n, out_dim, in_dim // 2), -128, 128, jnp.int32)
             self.weight = param(codes.astype(jnp.int8), axes, Quantized)
-            self.scale = param(jnp.full((n, out_dim, in_dim // quant.FP4_GROUP), unit / 4, jnp.float32), axes,
+            scale = unit_scale(in_dim) / 4  # E2M1 codes reach 6, E4M3 ones far more
+            self.scale = param(jnp.full((n, out_dim, in_dim // quant.FP4_GROUP), scale, jnp.float32), axes,
                                Quantized)
         else:
-            self.weight = param(normal(rngs, (n, out_dim, in_dim), 1.0, jnp.float8_e4m3fn), axes, Quantized)
-            blocks = (n, -(-out_dim // quant.FP8_BLOCK), -(-in_dim // quant.FP8_BLOCK))
-            self.scale = param(jnp.full(blocks, unit, jnp.float32), axes, Quantized)
+            self.weight, self.scale = random_fp8(rngs, (n, out_dim, in_dim), axes)
 
-    def kernel(self, dtype):
-        return kernel(self, dtype)
+    def operand(self):
+        """What the expert matmuls take: the weight, or (codes, scales) when kept quantised."""
+        if hasattr(self, "scale"):
+            return self.weight[...], self.scale[...]
+        return self.weight[...]
 
 
 class Experts(nnx.Module):
@@ -155,8 +301,8 @@ class MoE(nnx.Module):
         cfg = self.cfg
         ids, weights = self.route(x, token_ids)
         flat_x = x.reshape(-1, x.shape[-1])
-        w1, w2, w3 = (p.kernel(x.dtype) for p in (self.experts.w1, self.experts.w2, self.experts.w3))
-        kwargs = dict(limit=cfg.swiglu_limit, act_quant=cfg.quant_sim)
+        w1, w2, w3 = (p.operand() for p in (self.experts.w1, self.experts.w2, self.experts.w3))
+        kwargs = dict(limit=cfg.swiglu_limit, act_quant=cfg.quant_sim, impl=cfg.moe_impl)
         routed = expert_dispatch(grouped_experts, flat_x, ids.reshape(-1, ids.shape[-1]),
                                  weights.reshape(-1, ids.shape[-1]), w1, w2, w3, **kwargs)
         out = routed.reshape(x.shape) + self.shared_experts(x).astype(jnp.float32)

@@ -1,0 +1,216 @@
+"""FLOP and byte audit: what XLA compiles against what the config's math needs, as E grows at fixed k.
+
+For narrow two-layer models (one CSA, one HCA layer; float32; no quantisation-aware
+simulation, so the program is the matmuls) with E in {8, 64, 256} routed experts and
+k = 6, it lowers and compiles
+  - a prefill of --prefill tokens,
+  - one decode step (batch 1) at --context tokens of context,
+  - the gradient of the LM loss over --train tokens (the optimiser update, elementwise
+    over the parameters, is not included),
+and prints `compiled.cost_analysis()`'s FLOPs (and, for decode, bytes accessed) next
+to the analytic minimum computed from the config (attention's loop over query blocks
+is unrolled for the count: XLA counts a while loop's body once): every projection a token passes
+through (attention, compressors, indexer, mHC mixes, gate, k routed experts + the
+shared one, head), attention over the window plus the selected (CSA) or all visible
+(HCA) compressed entries, and the indexer's scores over the visible entries. Training
+counts 3x the forward. Decode bytes: the weights the step needs (all but the routed
+experts, plus k of them per layer, and one embedding row) plus the cache it reads.
+
+Then one MoE layer alone at --moe-tokens tokens: counted FLOPs for the chosen routed
+matmul and for `ragged_dot` (as XLA:CPU lowers it), and its wall time, which should
+stay within 1.5x from E = 8 to E = 256.
+
+    python bench/moe_audit.py [--prefill 2048] [--context 2048] [--train 1024] [--moe-tokens 4096]
+                              [--experts 8,64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax import moe
+from v4jax.cache import init_cache, n_entries
+from v4jax.config import ModelConfig
+from v4jax.model import Transformer
+from v4jax.train import lm_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERTS = (8, 64, 256)
+NARROW = dict(hidden_size=256, num_attention_heads=4, head_dim=128, qk_rope_head_dim=64, q_lora_rank=128,
+              o_groups=2, o_lora_rank=128, index_n_heads=4, index_head_dim=128, index_topk=64,
+              num_experts_per_tok=6, moe_intermediate_size=256, vocab_size=2048, num_hash_layers=0,
+              num_nextn_predict_layers=0, num_hidden_layers=2, compress_ratios=[4, 128], sliding_window=128)
+
+
+def narrow_config(n_experts: int) -> ModelConfig:
+    raw = json.loads((ROOT / "configs/tiny.json").read_text())
+    raw.update(NARROW, n_routed_experts=n_experts)
+    return ModelConfig.from_dict(raw, dtype="float32", quant_sim=False)
+
+
+# ---------------------------------------------------------------------------- analytic minimum
+def token_macs(cfg: ModelConfig, p: int) -> float:
+    """Multiply-adds the forward needs for the token at position p (0-based)."""
+    d, h, hd, n = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.hc_mult
+    hi, di, f, w = cfg.index_n_heads, cfg.index_head_dim, cfg.moe_intermediate_size, cfg.sliding_window
+    hc_side = (2 + n) * n * n * d + n * d + n * n * d + n * d  # mixes, pre-collapse, post + residual mix
+    total = d * cfg.vocab_size + n * n * d + n * d  # head and final collapse
+    for layer in range(cfg.num_hidden_layers):
+        m = cfg.compress_ratios[layer]
+        total += 2 * hc_side
+        total += d * cfg.q_lora_rank + cfg.q_lora_rank * h * hd + d * hd + h * hd * cfg.o_lora_rank
+        total += cfg.o_groups * cfg.o_lora_rank * d
+        keys = min(p + 1, w)
+        if m:
+            total += 2 * d * (2 if m == 4 else 1) * hd  # compressor wkv, wgate
+            visible = (p + 1) // m
+            keys += min(cfg.index_topk, visible) if m == 4 else visible
+        if m == 4:
+            total += cfg.q_lora_rank * hi * di + d * hi + 2 * d * 2 * di  # indexer queries, weights, compressor
+            total += visible * (hi * di + hi)  # indexer scores
+        total += 2 * h * hd * keys  # q.k and p.v
+        total += d * cfg.n_routed_experts + (cfg.num_experts_per_tok + 1) * 3 * d * f
+    return total
+
+
+def analytic_flops(cfg: ModelConfig, start: int, tokens: int) -> float:
+    return 2.0 * sum(token_macs(cfg, p) for p in range(start, start + tokens))
+
+
+def decode_bytes(cfg: ModelConfig, abstract: nnx.Module, context: int) -> float:
+    """Weights one decode step needs (k routed experts per layer, one embedding row) + the cache it reads."""
+    item = jnp.dtype(cfg.dtype).itemsize
+    total = 0.0
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract)):
+        names = [str(p) for p in path]
+        size = leaf.get_value().size * leaf.get_value().dtype.itemsize
+        if "experts" in names and "shared_experts" not in names:
+            size *= cfg.num_experts_per_tok / cfg.n_routed_experts
+        elif names[0] == "embed":
+            size = cfg.hidden_size * item
+        total += size
+    for layer in range(cfg.num_hidden_layers):
+        m = cfg.compress_ratios[layer]
+        total += cfg.sliding_window * cfg.head_dim * item
+        if m == 4:
+            n = n_entries(context, m)
+            total += n * cfg.index_head_dim * item + min(cfg.index_topk, n) * cfg.head_dim * item
+        elif m:
+            total += n_entries(context, m) * cfg.head_dim * item
+    return total
+
+
+# ---------------------------------------------------------------------------- compiled programs
+def abstract_model(cfg: ModelConfig):
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def _unrolled_map(f, xs, **_):
+    return jax.tree.map(lambda *ys: jnp.stack(ys), *[f(x) for x in xs])
+
+
+def cost(fn, *args) -> dict:
+    """cost_analysis of fn's compiled program, with attention's `lax.map` over query blocks
+    unrolled: XLA counts a while loop's body once, whatever its trip count."""
+    mapped, jax.lax.map = jax.lax.map, _unrolled_map
+    try:
+        return jax.jit(fn).lower(*args).compile().cost_analysis()
+    finally:
+        jax.lax.map = mapped
+
+
+def prefill_cost(cfg, graphdef, state, tokens: int) -> dict:
+    ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+    return cost(lambda s, i: nnx.merge(graphdef, s).forward(i)[0], state, ids)
+
+
+def decode_cost(cfg, graphdef, state, context: int) -> dict:
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, context + 1))
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return cost(lambda s, i, c: nnx.merge(graphdef, s).forward(i, c)[0], state, ids, cache)
+
+
+def train_cost(cfg, graphdef, state, tokens: int) -> dict:
+    ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+
+    def grads(s, i):
+        return jax.grad(lambda s: lm_loss(nnx.merge(graphdef, s), i, jnp.ones_like(i))[0])(s)
+
+    return cost(grads, state, ids)
+
+
+def moe_layer(cfg: ModelConfig, tokens: int, reps: int) -> tuple[float, float, float]:
+    """One MoE layer (routing, routed + shared experts) on [1, tokens, dim]: counted FLOPs with the
+    chosen routed matmul and with ragged_dot, and the best wall time in ms of the chosen one."""
+    x = jax.random.normal(jax.random.key(1), (1, tokens, cfg.hidden_size), jnp.float32)
+    ids = jnp.zeros((1, tokens), jnp.int32)
+
+    def compiled(cfg_run, make):
+        graphdef, state = nnx.split(make(lambda: moe.MoE(cfg_run, cfg_run.layer_kind(1), nnx.Rngs(0))))
+        return jax.jit(lambda s, x, i: nnx.merge(graphdef, s)(x, i)).lower(state, x, ids).compile(), state
+
+    ragged, _ = compiled(cfg.replace(moe_impl="ragged"), nnx.eval_shape)
+    fast, state = compiled(cfg, lambda f: f())
+    jax.block_until_ready(fast(state, x, ids))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fast(state, x, ids))
+        times.append(time.perf_counter() - t0)
+    return fast.cost_analysis()["flops"], ragged.cost_analysis()["flops"], 1e3 * min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--train", type=int, default=1024)
+    parser.add_argument("--moe-tokens", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--experts", default=",".join(map(str, EXPERTS)))
+    args = parser.parse_args()
+    print(f"backend {jax.default_backend()}; routed matmul for large batches: "
+          f"{moe.MOE_IMPL.get(jax.default_backend(), 'tiled')}, decode: gather; "
+          f"narrow 2-layer model (CSA + HCA), k = {NARROW['num_experts_per_tok']}, float32")
+    print(f"{'E':>4} {'program':>18} {'counted GFLOP':>14} {'analytic':>9} {'ratio':>6} "
+          f"{'counted MB':>11} {'analytic MB':>12} {'ratio':>6}")
+    times = {}
+    experts = [int(e) for e in args.experts.split(",")]
+    for e in experts:
+        cfg = narrow_config(e)
+        abstract = abstract_model(cfg)
+        graphdef, state = nnx.split(abstract)
+        rows = [
+            (f"prefill {args.prefill}", prefill_cost(cfg, graphdef, state, args.prefill),
+             analytic_flops(cfg, 0, args.prefill), None),
+            (f"decode @{args.context}", decode_cost(cfg, graphdef, state, args.context),
+             analytic_flops(cfg, args.context, 1), decode_bytes(cfg, abstract, args.context)),
+            (f"train {args.train}", train_cost(cfg, graphdef, state, args.train),
+             3 * analytic_flops(cfg, 0, args.train), None),
+        ]
+        for name, c, flops, nbytes in rows:
+            line = f"{e:>4} {name:>18} {c['flops'] / 1e9:14.3f} {flops / 1e9:9.3f} {c['flops'] / flops:6.2f}"
+            if nbytes:
+                line += f" {c['bytes accessed'] / 1e6:11.2f} {nbytes / 1e6:12.2f} {c['bytes accessed'] / nbytes:6.2f}"
+            print(line, flush=True)
+        counted, counted_ragged, ms = moe_layer(cfg, args.moe_tokens, args.reps)
+        d, f, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        need = 2.0 * args.moe_tokens * (d * e + (k + 1) * 3 * d * f)
+        times[e] = ms
+        print(f"{e:>4} {'MoE layer ' + str(args.moe_tokens):>18} {counted / 1e9:14.3f} {need / 1e9:9.3f} "
+              f"{counted / need:6.2f}   ragged_dot: {counted_ragged / 1e9:.3f} GFLOP ({counted_ragged / need:.1f}x); "
+              f"{ms:.1f} ms", flush=True)
+    growth = times[experts[-1]] / times[experts[0]]
+    print(f"MoE layer time E={experts[0]} -> E={experts[-1]} at {args.moe_tokens} tokens, k={k}: "
+          f"{growth:.2f}x (goal <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Prefill time: v4jax against Hugging Face transformers' DeepSeek-V4 port, same weights, same run.
+
+A small published-layout checkpoint of random weights (`write_random_checkpoint`:
+FP8 linears, FP4 experts) is loaded by both: v4jax through `load_pretrained`, HF
+through `from_pretrained` on the same tensors dequantised to float32 under their
+published names (HF's own renaming maps them onto its modules). Both run float32
+on the CPU without quantisation-aware simulation. The logits of one prompt are
+compared first; then each prefill of --lengths tokens (batch 1) is timed, best of
+--reps after a warm-up (v4jax: after its compile).
+
+    pip install torch==2.13.0 transformers==5.24.0
+    python bench/prefill_bench.py [--lengths 512,2048,8192] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
+from v4jax import quant
+from v4jax.checkpoint import read_published, write_random_checkpoint
+from v4jax.config import ModelConfig
+from v4jax.loading import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+# Four layers (CSA, HCA, CSA, HCA; the first hash-routed), 64 experts with k = 6 as in Flash.
+BENCH = dict(hidden_size=256, num_attention_heads=4, head_dim=128, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+             index_n_heads=4, index_head_dim=128, index_topk=64, n_routed_experts=64, num_experts_per_tok=6,
+             moe_intermediate_size=128, vocab_size=2048, num_hash_layers=1, num_hidden_layers=4,
+             compress_ratios=[4, 128, 4, 128], num_nextn_predict_layers=0, sliding_window=128)
+
+
+def bench_config() -> ModelConfig:
+    raw = json.loads((ROOT / "configs/tiny.json").read_text())
+    raw.update(BENCH)
+    return ModelConfig.from_dict(raw)
+
+
+def float_copy(published_dir: Path, out_dir: Path) -> Path:
+    """The published tensors dequantised to float32 under their own names, and the config without
+    its quantisation block: the form HF's port loads without an FP8 kernel."""
+    pub = read_published(published_dir)
+    tensors = {}
+    for name in pub.tensors:
+        if name.endswith(".scale"):
+            continue
+        value = pub.read(name)
+        scale = name.removesuffix(".weight") + ".scale"
+        if scale in pub.tensors:
+            value = quant.dequant(value, pub.read(scale), jnp.float32)
+        tensors[name] = value if np.asarray(value).dtype.kind in "iu" else np.asarray(value, np.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    raw = json.loads((published_dir / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    raw.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], torch_dtype="float32")
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    return out_dir
+
+
+def best_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args()
+    cfg = bench_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        published = write_random_checkpoint(cfg, Path(tmp) / "published")
+        model = load_pretrained(published, dtype="float32", quant_sim=False)
+        hf = AutoModelForCausalLM.from_pretrained(float_copy(published, Path(tmp) / "float"), dtype=torch.float32)
+    hf.eval()
+    forward = jax.jit(lambda m, ids: m(ids))
+
+    def ours(ids):
+        return np.asarray(jax.block_until_ready(forward(model, jnp.asarray(ids))))
+
+    def theirs(ids):
+        with torch.no_grad():
+            return hf(torch.from_numpy(ids).long()).logits.numpy()
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, lengths[0]), dtype=np.int32)
+    a, b = ours(ids), theirs(ids)
+    print(f"logits at {lengths[0]} tokens: max |v4jax - HF| = {np.abs(a - b).max():.2e} "
+          f"(max |logit| {np.abs(b).max():.2f}); same argmax {np.mean(a.argmax(-1) == b.argmax(-1)):.1%}")
+    print(f"prefill, batch 1, float32, CPU ({jax.device_count()} JAX device, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads); {cfg.num_hidden_layers} layers {list(cfg.compress_ratios)}, "
+          f"E={cfg.n_routed_experts} k={cfg.num_experts_per_tok}")
+    print(f"{'tokens':>7} {'v4jax s':>8} {'HF s':>8} {'HF/v4jax':>9}")
+    for n in lengths:
+        ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
+        t_ours, t_hf = best_seconds(lambda: ours(ids), args.reps), best_seconds(lambda: theirs(ids), args.reps)
+        print(f"{n:>7} {t_ours:8.3f} {t_hf:8.3f} {t_hf / t_ours:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
