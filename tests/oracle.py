@@ -563,3 +563,100 @@ def forward(config, params, token_ids, quant_sim=False):
                          hc_eps, eps)
             mtp_logits[b] = rms_norm(hm, P[mp + "norm.weight"], eps) @ head.T
     return {"logits": logits, "mtp_logits": mtp_logits}
+
+
+# =============================================================================================
+# 5. Bit-level emulation of the quantisation steps at bf16 round-off (spec 2.0, 2.8, 2.13)
+# =============================================================================================
+# Section 3 computes the same rounding in float64; the functions below add what a bit-exact
+# comparison with a bf16 implementation needs: bf16 rounding, the float32 Hadamard transform of
+# the reference kernel, and the byte encodings of the FP8 / FP4 cache rows. Every encoder builds
+# the bits from sign, exponent and mantissa fields (no ml_dtypes casts).
+
+def round_bf16(x):
+    """float32 -> nearest bfloat16 value (ties to even on the 16 dropped bits), as float32."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def bf16_bytes(x):
+    """bf16 values (float32 arrays already on the bf16 grid) -> little-endian bytes [..., 2n]."""
+    hi = (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return np.stack([hi & 0xFF, hi >> 8], axis=-1).astype(np.uint8).reshape(*hi.shape[:-1], -1)
+
+
+def block_scales(x, block, qmax, amax_floor):
+    """spec 2.13: per block of the last dim (a ragged last block is its own block), the power of two
+    2^ceil(log2(max(amax, floor)/qmax)). x: [..., n] -> float64 [..., ceil(n/block)]."""
+    x = np.asarray(x, F64)
+    starts = range(0, x.shape[-1], block)
+    amax = np.stack([np.abs(x[..., s:s + block]).max(axis=-1) for s in starts], axis=-1)
+    return _pow2_ceil(np.maximum(amax, amax_floor) / qmax)
+
+
+def e4m3_byte(v):
+    """Values on the E4M3 grid (|v| <= 448) -> FP8 'fn' bytes: sign, 4 exponent bits (bias 7), 3 mantissa
+    bits; exponent field 0 = subnormal (m * 2^-9)."""
+    v = np.asarray(v, F64)
+    mag = np.abs(v)
+    _, e = np.frexp(mag)                                        # mag = f 2^e, f in [0.5, 1)
+    field = np.clip(e - 1 + 7, 0, 15)                           # biased exponent, 0 for subnormals
+    quantum = np.exp2(np.maximum(field, 1) - 7.0 - 3)
+    mant = np.rint(mag / quantum).astype(np.int64) - np.where(field > 0, 8, 0)
+    field = np.where(mag == 0, 0, field)
+    mant = np.where(mag == 0, 0, mant)
+    assert np.all((mant >= 0) & (mant < 8)) and np.all(mant * quantum + (field > 0) * 8 * quantum == mag)
+    return ((np.signbit(v).astype(np.int64) << 7) | (field << 3) | mant).astype(np.uint8)
+
+
+def e2m1_code(v):
+    """Values on the E2M1 grid (|v| <= 6) -> 4-bit codes (bit 3 = sign, then the grid index)."""
+    v = np.asarray(v, F64)
+    grid = FP4_E2M1_TABLE[:8]
+    idx = np.argmin(np.abs(np.abs(v)[..., None] - grid), axis=-1)
+    assert np.all(grid[idx] == np.abs(v))
+    return ((np.signbit(v).astype(np.int64) << 3) | idx).astype(np.uint8)
+
+
+def e8m0_byte(s):
+    """Powers of two -> UE8M0 bytes (biased exponent 127)."""
+    m, e = np.frexp(np.asarray(s, F64))
+    assert np.all(m == 0.5)
+    return (e - 1 + 127).astype(np.uint8)
+
+
+def pack_kv_row(kv, rope_dim, item_bytes=2, block=64):
+    """spec 2.8 FlashMLA layout of one bf16 KV vector: E4M3 codes of the non-RoPE dims, one UE8M0 scale
+    per 64 of them, zero pad to the bf16 alignment, the RoPE dims as bf16 bytes.
+    kv: [..., d] bf16 values (float32) whose non-RoPE dims are FP8-fake-quantised -> uint8 [..., bytes]."""
+    kv = np.asarray(kv, np.float32)
+    nope = kv[..., :-rope_dim]
+    s = block_scales(nope, block, 448.0, 1e-4)                  # [..., nope/64]
+    codes = e4m3_byte(nope / np.repeat(s, block, axis=-1))
+    head = np.concatenate([codes, e8m0_byte(s)], axis=-1)
+    pad = np.zeros((*kv.shape[:-1], -head.shape[-1] % item_bytes), np.uint8)
+    return np.concatenate([head, pad, bf16_bytes(kv[..., -rope_dim:])], axis=-1)
+
+
+def pack_index_key(k, block=32):
+    """Packed indexer key: E2M1 codes two per byte (low nibble = even dim), then one UE8M0 scale per 32.
+    k: [..., d_I] FP4-fake-quantised values -> uint8 [..., d_I/2 + d_I/32]."""
+    k = np.asarray(k, np.float32)
+    s = block_scales(k, block, 6.0, 6.0 * 2.0 ** -126)
+    codes = e2m1_code(k / np.repeat(s, block, axis=-1))
+    return np.concatenate([codes[..., 0::2] | (codes[..., 1::2] << 4), e8m0_byte(s)], axis=-1)
+
+
+def hadamard_rotate_bf16(x):
+    """spec 2.6 / 2.13, as the reference's transform kernel: x (bf16 values) times the +-1 Sylvester
+    matrix in float32, times float32(n^-1/2), rounded to bf16. x: [..., n] -> float32 [..., n]."""
+    n = x.shape[-1]
+    pm = hadamard(n) * math.sqrt(n)                             # +-1 entries
+    rotated = (np.asarray(x, F64) @ pm).astype(np.float32)      # exact for the tests' inputs
+    return round_bf16(rotated * np.float32(n ** -0.5))
+
+
+def indexer_fp4_bf16(x):
+    """Indexer q / k simulation at bf16: Hadamard rotation, then FP4 fake-quant rounded to bf16."""
+    return round_bf16(fp4_fake_quant(hadamard_rotate_bf16(x)).astype(np.float32))

@@ -145,4 +145,4 @@ def test_fake_quant_matches_oracle_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(quant.fake_quant_fp8(jnp.asarray(x), 128)), oracle.fp8_act_quant(x, 128))
     np.testing.assert_array_equal(np.asarray(quant.fake_quant_fp4(jnp.asarray(x[:, :128]))),
                                   oracle.fp4_fake_quant(x[:, :128]))
-    np.testing.assert_array_equal(quant.hadamard(128), oracle.hadamard(128))
+    np.testing.assert_array_equal(quant.sylvester_hadamard(128) / np.sqrt(128), oracle.hadamard(128))

@@ -36,14 +36,24 @@ def select_topk(scores, visible, k: int):
     return idx, best > -jnp.inf
 
 
+def hadamard_rotate(x):
+    """x: [..., n] -> x H_n n^-1/2 (orthonormal Sylvester rotation) in x's dtype.
+
+    As the reference's transform kernel: the +-1 transform in float32 (exact sums for
+    bf16 inputs of moderate range), then the float32 scale, one rounding to x's dtype.
+    """
+    n = x.shape[-1]
+    pm = jnp.asarray(quant.sylvester_hadamard(n))
+    rotated = jnp.einsum("...d,de->...e", x.astype(jnp.float32), pm, preferred_element_type=jnp.float32)
+    return (rotated * jnp.float32(n**-0.5)).astype(x.dtype)
+
+
 def rotate_and_quantize(x, enabled: bool):
     """Hadamard rotation + FP4 fake-quant of indexer queries/keys; the rotation
     preserves dot products, so it only matters together with the rounding."""
     if not enabled:
         return x
-    h = jnp.asarray(quant.hadamard(x.shape[-1]))
-    rotated = jnp.einsum("...d,de->...e", x.astype(jnp.float32), h).astype(x.dtype)
-    return quant.fake_quant_fp4(rotated)
+    return quant.fake_quant_fp4(hadamard_rotate(x))
 
 
 class Indexer(nnx.Module):

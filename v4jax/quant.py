@@ -2,10 +2,13 @@
 
 Decoders are jnp functions (they also accept numpy inputs), so the converter and
 the in-matmul dequantisation of kept-quantised weights share one implementation.
-Encoders are numpy: they run on the host when a checkpoint is written.
+Weight encoders are numpy: they run on the host when a checkpoint is written. All
+power-of-two scales, on host and device, come from one function, `pow2_scale`.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,11 @@ FP4_MAX = 6.0  # largest E2M1 magnitude
 FP8_BLOCK = 128  # weight block (both dims) and activation block
 FP4_GROUP = 32  # inputs per FP4 weight scale and per FP4 fake-quant block
 KV_FP8_BLOCK = 64  # fake-quant block for the non-RoPE KV dims
+FP8_AMAX_FLOOR = 1e-4  # the reference's floor under a block's amax (an all-zero block gets scale 2^-22)
+FP4_AMAX_FLOOR = FP4_MAX * 2.0**-126  # keeps every E2M1 block scale a normal float32 (>= 2^-126)
+
+# fmt -> (largest code magnitude, amax floor, code dtype)
+FORMATS = {"fp8": (FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn), "fp4": (FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn)}
 
 # E2M1 code -> value; bit 3 is the sign.
 FP4_TABLE = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
@@ -73,11 +81,6 @@ def dequant(weight, scale, dtype):
 
 
 # ---------------------------------------------------------------------------- encoding (host)
-def pow2_scale(amax: np.ndarray, qmax: float, floor: float) -> np.ndarray:
-    """Smallest power of two s with amax / s <= qmax (the reference's ue8m0 rounding)."""
-    return np.exp2(np.ceil(np.log2(np.maximum(amax, floor) / qmax))).astype(np.float32)
-
-
 def _blocks(w: np.ndarray, bo: int, bi: int) -> np.ndarray:
     """[o, i] -> [ceil(o/bo), ceil(i/bi), bo, bi] zero-padded."""
     o, i = w.shape
@@ -95,7 +98,7 @@ def quantize_fp8(w: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.nda
     w = np.asarray(w, np.float32)
     if scale is None:
         amax = np.abs(_blocks(w, FP8_BLOCK, FP8_BLOCK)).max(axis=(-1, -2))
-        scale = pow2_scale(amax, FP8_MAX, 1e-4)
+        scale = np.asarray(pow2_scale(amax, "fp8"))
     s = np.asarray(expand_blocks(np.asarray(scale, np.float32), w.shape, (FP8_BLOCK, FP8_BLOCK)))
     codes = np.clip(w / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
     return codes, np.asarray(scale, np.float32)
@@ -107,7 +110,7 @@ def quantize_fp4(w: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.nda
     o, i = w.shape
     if scale is None:
         amax = np.abs(w.reshape(o, i // FP4_GROUP, FP4_GROUP)).max(-1)
-        scale = pow2_scale(amax, FP4_MAX, FP4_MAX * 2.0**-126)
+        scale = np.asarray(pow2_scale(amax, "fp4"))
     s = np.repeat(np.asarray(scale, np.float32), FP4_GROUP, axis=-1)
     values = np.clip(w / s, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn)
     codes = values.view(np.uint8) & 0xF  # ml_dtypes stores one E2M1 code per byte
@@ -120,6 +123,23 @@ def encode_e8m0(scale: np.ndarray) -> np.ndarray:
     return np.asarray(scale, np.float32).astype(ml_dtypes.float8_e8m0fnu)
 
 
+# ---------------------------------------------------------------------------- scales
+@partial(jax.jit, static_argnames="fmt")
+def pow2_scale(amax, fmt: str):
+    """UE8M0 block scale 2^ceil(log2(max(amax, floor) / qmax)), exactly: float32 [...] -> float32 [...].
+
+    As the reference's fast_round_scale: r = max(amax, floor) * (1/qmax) in float32,
+    then the exponent of r, plus one unless r's mantissa bits are zero (r a power of
+    two). Floating log2 is not exact on powers of two, so it is never used. The
+    floors keep r a normal float32. Host encoders call this same jitted function.
+    """
+    qmax, floor, _ = FORMATS[fmt]
+    r = jnp.maximum(jnp.asarray(amax, jnp.float32), floor) * jnp.float32(1 / qmax)
+    bits = jax.lax.bitcast_convert_type(r, jnp.uint32)  # sign bit 0: r > 0
+    exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32)  # biased, rounded up
+    return jax.lax.bitcast_convert_type(exponent << 23, jnp.float32)
+
+
 # ---------------------------------------------------------------------------- simulation
 def fake_quant_fp8(x, block: int):
     """Round x to E4M3 with one power-of-two scale per `block` values of the last dim.
@@ -128,13 +148,13 @@ def fake_quant_fp8(x, block: int):
     the non-RoPE KV dims (block 64). A ragged last block (tiny test dims only) is
     zero-padded, which leaves its amax unchanged. Returns x's dtype.
     """
-    q, s, unblock = _round_blocks(x, block, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
+    q, s, unblock = _round_blocks(x, block, "fp8")
     return unblock(q.astype(jnp.float32) * s).astype(x.dtype)
 
 
 def fake_quant_fp4(x, block: int = FP4_GROUP):
     """Round x to E2M1 (nearest, ties to even) with one power-of-two scale per `block` values."""
-    q, s, unblock = _round_blocks(x, block, FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)
+    q, s, unblock = _round_blocks(x, block, "fp4")
     return unblock(q.astype(jnp.float32) * s).astype(x.dtype)
 
 
@@ -145,9 +165,7 @@ def encode_blocks(x, block: int, fmt: str):
     Returns codes [..., n] (float8_e4m3fn or float4_e2m1fn) and power-of-two scales
     [..., n / block] float8_e8m0fnu; codes * scales is exactly the fake-quantised x.
     """
-    qmax, floor, dtype = {"fp8": (FP8_MAX, 1e-4, jnp.float8_e4m3fn),
-                          "fp4": (FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)}[fmt]
-    q, s, _ = _round_blocks(x, block, qmax, floor, dtype)
+    q, s, _ = _round_blocks(x, block, fmt)
     return q.reshape(x.shape), s[..., 0].astype(jnp.float8_e8m0fnu)
 
 
@@ -158,14 +176,14 @@ def decode_blocks(codes, scales, dtype):
     return (q * scales.astype(jnp.float32)[..., None]).reshape(codes.shape).astype(dtype)
 
 
-def _round_blocks(x, block: int, qmax: float, floor: float, dtype):
-    """Per block of the last dim: scale s = 2^ceil(log2(amax / qmax)), codes round(x / s) in dtype.
+def _round_blocks(x, block: int, fmt: str):
+    """Per block of the last dim: scale s = pow2_scale(amax), codes clip(x / s) rounded to fmt (nearest, ties to even).
 
     Returns codes [..., blocks, block], float32 s [..., blocks, 1] and the inverse reshape.
     """
+    qmax, _, dtype = FORMATS[fmt]
     xb, unblock = _to_blocks(x, block)
-    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, floor) / qmax)))
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), fmt)
     return jnp.clip(xb / s, -qmax, qmax).astype(dtype), s, unblock
 
 
@@ -178,9 +196,9 @@ def _to_blocks(x, block: int):
     return xb, lambda y: y.reshape(*x.shape[:-1], n + pad)[..., :n]
 
 
-def hadamard(n: int) -> np.ndarray:
-    """Sylvester-ordered Hadamard matrix scaled by n^-1/2 (orthonormal, symmetric)."""
+def sylvester_hadamard(n: int) -> np.ndarray:
+    """[n, n] float32 Sylvester-ordered Hadamard matrix of +-1 entries (unnormalised, symmetric)."""
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
+    return h
