@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from v4jax import quant
 from v4jax.checkpoint import read_published, write_random_checkpoint
 from v4jax.config import ModelConfig
-from v4jax.loading import load_pretrained
+from v4jax.checkpoint.loading import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Four layers (CSA, HCA, CSA, HCA; the first hash-routed), 64 experts with k = 6 as in Flash.
