@@ -64,3 +64,76 @@ def test_balance_loss_gradient_reaches_scores_only_through_p():
     want = (f / z - np.sum(f * s) / z**2) / len(real) / 2  # two sequences with real tokens
     np.testing.assert_allclose(np.asarray(g)[0, 0], want, rtol=1e-4)
     assert np.all(np.asarray(g)[2] == 0)
+
+
+# ---------------------------------------------------------------------------- in the model
+def test_forward_routing_statistics_and_bias_update_equal_the_oracle_routing(monkeypatch):
+    """Counts per layer (main and MTP, the MTP's stand-in last position excluded), the balance
+    loss per bias-routed layer and the bias update, from the routing the numpy oracle takes."""
+    import oracle
+    from flax import nnx
+    from test_model import RAW, oracle_params, randomize
+
+    from v4jax import train
+    from v4jax.checkpoint import weights
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    cfg = ModelConfig.from_dict(RAW, dtype="float32", quant_sim=False)
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    randomize(model, seed=3)
+    ids = np.asarray(jax.random.randint(jax.random.key(5), (2, 40), 0, cfg.vocab_size))
+    stats = nnx.jit(lambda m, x: m.forward(x, mtp=True, routing=True)[3])(model, jnp.asarray(ids))
+
+    calls = []
+    real_route = oracle.route
+
+    def recording_route(scores, bias, rows, topk, scale):
+        out = real_route(scores, bias, rows, topk, scale)
+        calls.append((scores, out[0]))
+        return out
+
+    monkeypatch.setattr(oracle, "route", recording_route)
+    oracle.forward(RAW, oracle_params(model), ids)
+    n_layers, e, k = cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
+    assert len(calls) == 2 * (n_layers + 1)
+
+    def expected(layer, hashed):
+        counts, balances = np.zeros(e), []
+        for b in range(2):
+            scores, chosen = calls[b * (n_layers + 1) + layer]
+            if layer == n_layers:  # MTP: the last position routes a stand-in token
+                scores, chosen = scores[:-1], chosen[:-1]
+            counts += np.bincount(chosen.ravel(), minlength=e)
+            f = np.bincount(chosen.ravel(), minlength=e) * e / (k * len(chosen))
+            balances.append(np.sum(f * (scores / scores.sum(-1, keepdims=True)).mean(0)))
+        return counts, 0.0 if hashed else np.mean(balances)
+
+    layer = 0
+    placed = []  # (layer index, segment, block, repetition)
+    for s, seg in enumerate(cfg.layer_plan):
+        for rep in range(seg.reps):
+            for j, _ in enumerate(seg.unit):
+                placed.append((layer, s, j, rep))
+                layer += 1
+    for layer, s, j, rep in placed:
+        counts, balance = expected(layer, layer < cfg.num_hash_layers)
+        np.testing.assert_array_equal(np.asarray(stats["layers"][s][j]["counts"][rep]), counts, err_msg=f"{layer}")
+        assert float(stats["layers"][s][j]["balance"][rep]) == pytest.approx(balance, rel=1e-5, abs=1e-9)
+    mtp_counts, mtp_balance = expected(n_layers, False)
+    np.testing.assert_array_equal(np.asarray(stats["mtp"]["counts"]), mtp_counts)
+    assert float(stats["mtp"]["balance"]) == pytest.approx(mtp_balance, rel=1e-5)
+
+    before = weights.to_flat(model)
+    train.update_router_biases(model, stats, 1e-3)
+    after = weights.to_flat(model)
+    for layer, s, j, rep in placed:
+        name = f"layers.{layer}.ffn.gate.bias"
+        if layer < cfg.num_hash_layers:
+            assert name not in after
+            continue
+        counts, _ = expected(layer, False)
+        want = np.asarray(before[name]) + 1e-3 * np.sign(counts.mean() - counts)
+        np.testing.assert_allclose(np.asarray(after[name]), want, rtol=0, atol=1e-7, err_msg=name)
+    want = np.asarray(before["mtp.0.ffn.gate.bias"]) + 1e-3 * np.sign(mtp_counts.mean() - mtp_counts)
+    np.testing.assert_allclose(np.asarray(after["mtp.0.ffn.gate.bias"]), want, rtol=0, atol=1e-7)

@@ -23,16 +23,14 @@ def expert_counts(ids, n_experts: int, mask) -> jax.Array:
 
 
 def bias_update(bias, counts, rate: float = BIAS_UPDATE_RATE):
-    """b <- b + rate * sign(mean(c) - c): overloaded experts become less likely to be picked.
-
-    `counts` must be the whole global batch's (sum them over data and expert shards first).
-    """
-    return bias + rate * jnp.sign(jnp.mean(counts) - counts)
+    """b <- b + rate * sign(mean(c) - c) over the last axis (experts; leading axes: stacked layers):
+    overloaded experts become less likely to be picked. `counts` are the whole global batch's."""
+    return bias + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
 
 
 def load_ratio(counts) -> jax.Array:
-    """max / mean expert load (1 = perfectly balanced)."""
-    return jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9)
+    """max / mean expert load over the last axis (1 = perfectly balanced)."""
+    return jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
 
 
 def sequence_balance_loss(scores, ids, mask) -> jax.Array:

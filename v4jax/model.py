@@ -43,14 +43,21 @@ class Block(nnx.Module):
                       getattr(self, f"hc_{side}_scale")[...], iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
                       norm_eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, token_ids, cache: dict, start, lengths, layer=None):
-        """x: [batch, T, n_hc, dim] -> (same, updated cache); `layer` indexes a stacked cache (see Attention)."""
+    def __call__(self, x, token_ids, cache: dict, start, lengths, layer=None, valid=None):
+        """x: [batch, T, n_hc, dim] -> (same, updated cache); `layer` indexes a stacked cache (see Attention).
+
+        With `valid` ([batch, T], 1 for real tokens) also the MoE's routing statistics (see MoE).
+        """
         y, post, comb = self._hc("attn", x)
         a, cache = self.attn(self.attn_norm(y), cache, start, lengths, layer)
         x = hc_post(a, x, post, comb)
         y, post, comb = self._hc("ffn", x)
-        x = hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
-        return constrain(x, ("batch", "seq", None, "act_embed")), cache
+        if valid is None:
+            f, stats = self.ffn(self.ffn_norm(y), token_ids), None
+        else:
+            f, stats = self.ffn(self.ffn_norm(y), token_ids, valid)
+        x = constrain(hc_post(f, x, post, comb), ("batch", "seq", None, "act_embed"))
+        return (x, cache) if valid is None else (x, cache, stats)
 
 
 def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs) -> Block:
@@ -93,11 +100,14 @@ class MTPBlock(Block):
         self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
         init_hc_head(self, cfg, rngs)
 
-    def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths):
-        """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1)."""
+    def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths, valid=None):
+        """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1).
+
+        Returns (logits, cache), and the routing statistics as a third item when `valid` is given.
+        """
         x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
-        x, cache = self(x, next_ids, cache, start, lengths)
-        return collapse_and_project(self, self.norm, head_weight, x, self.cfg), cache
+        x, cache, *stats = self(x, next_ids, cache, start, lengths, valid=valid)
+        return collapse_and_project(self, self.norm, head_weight, x, self.cfg), cache, *stats
 
 
 class Table(nnx.Module):
@@ -130,7 +140,8 @@ class Transformer(nnx.Module):
         """A decode state sized exactly for one whole-sequence forward (see v4jax.cache.init_cache)."""
         return init_cache(self.cfg, batch, seq)
 
-    def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False):
+    def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False,
+                routing: bool = False):
         """Run a chunk of tokens.
 
         input_ids: [batch, T]; state: decode state (None: a fresh one, i.e. a whole
@@ -139,6 +150,10 @@ class Transformer(nnx.Module):
         None, new state). With mtp=True the MTP block predicts token t+2 from the
         streams at t and embed(token t+1); the last position has no next token and
         uses token id 0 there (its MTP logits are not meaningful).
+
+        routing=True (training; whole sequences only) adds a fourth item, the routing
+        statistics of every MoE layer: {"layers": per segment, per block of its unit,
+        {"counts": [reps, E], "balance": [reps]}; "mtp": the MTP block's, or None}.
         """
         cfg = self.cfg
         b, t_len = input_ids.shape
@@ -151,36 +166,50 @@ class Transformer(nnx.Module):
         h = constrain(embed[input_ids], ("batch", "seq", "act_embed"))
         x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
 
-        new_layers = []
+        if routing and in_place:
+            raise ValueError("routing statistics are for whole-sequence forwards (state=None)")
+        valid = (jnp.arange(t_len)[None, :] < lengths[:, None]).astype(jnp.float32) if routing else None
+        new_layers, stats = [], []
         for stack, seg_cache in zip(self.layers, state["layers"]):
-            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat, in_place)
+            x, seg_cache, *seg_stats = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat,
+                                                   in_place, valid)
             new_layers.append(seg_cache)
+            stats.extend(seg_stats)
         logits = collapse_and_project(self, self.norm, self.head.weight[...], x, cfg)
         new_state = {**state, "pos": start + lengths, "layers": new_layers}
 
-        mtp_logits = None
+        mtp_logits, mtp_stats = None, None
         if mtp:
             next_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
-            mtp_logits, new_state["mtp"] = self.mtp[0].predict(
-                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths)
+            # The last position's "next token" is a stand-in: it routes, but is no real token.
+            mtp_valid = None if valid is None else valid * (jnp.arange(t_len)[None, :] < lengths[:, None] - 1)
+            mtp_logits, new_state["mtp"], *mtp_stats = self.mtp[0].predict(
+                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths, mtp_valid)
+            mtp_stats = mtp_stats[0] if mtp_stats else None
+        if routing:
+            return logits, mtp_logits, new_state, {"layers": stats, "mtp": mtp_stats}
         return logits, mtp_logits, new_state
 
 
-def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool, in_place: bool = False):
+def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool, in_place: bool = False,
+                valid=None):
     """Scan one segment: each step runs the unit's blocks (one slice of every stacked parameter).
 
     in_place=False passes each layer its cache slice (scan xs -> ys), which rewrites
     every cache array. in_place=True carries the stacked caches and each layer writes
     its new rows into them, so a decode step costs O(new rows), not O(cache size).
+    With `valid` (in_place=False only) the blocks' routing statistics come out as a third
+    item, stacked over the segment's repetitions.
     """
     graphdefs, params = zip(*(nnx.split(block) for block in stack))
 
     def run_unit(x, unit_params, unit_caches, layer):
-        new_caches = []
+        new_caches, stats = [], []
         for graphdef, p, c in zip(graphdefs, unit_params, unit_caches):
-            x, c = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths, layer)
+            x, c, *s = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths, layer, valid)
             new_caches.append(c)
-        return x, new_caches
+            stats.extend(s)
+        return x, (new_caches, stats) if valid is not None else new_caches
 
     if in_place:
         def body(carry, unit_params):
@@ -194,6 +223,6 @@ def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: 
         body = jax.checkpoint(body)
     if in_place:
         (x, new_caches, _), _ = jax.lax.scan(body, (x, list(caches), jnp.int32(0)), list(params))
-    else:
-        x, new_caches = jax.lax.scan(body, x, (list(params), caches))
-    return x, new_caches
+        return x, new_caches
+    x, ys = jax.lax.scan(body, x, (list(params), caches))
+    return (x, *ys) if valid is not None else (x, ys)

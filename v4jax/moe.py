@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax import quant
+from v4jax.balancing import expert_counts, sequence_balance_loss
 from v4jax.config import LayerKind, ModelConfig
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear, random_fp8, unit_scale
@@ -287,23 +288,32 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs)
         self.shared_experts = SharedExpert(cfg, rngs)
 
-    def route(self, x, token_ids):
-        """x: [..., dim], token_ids: [...] -> expert ids and weights [..., k]."""
+    def route(self, scores, token_ids):
+        """scores: [..., E] gate affinities, token_ids: [...] -> expert ids and weights [..., k]."""
         cfg = self.cfg
-        scores = gate_scores(x, self.gate.weight[...])
         if hasattr(self.gate, "tid2eid"):
             return route(scores, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
                          hash_ids=self.gate.tid2eid[...][token_ids])
         return route(scores, cfg.num_experts_per_tok, cfg.routed_scaling_factor, bias=self.gate.bias[...])
 
-    def __call__(self, x, token_ids):
-        """x: [batch, T, dim], token_ids: [batch, T] -> [batch, T, dim]."""
+    def __call__(self, x, token_ids, valid=None):
+        """x: [batch, T, dim], token_ids: [batch, T] -> [batch, T, dim].
+
+        With `valid` ([batch, T], 1 for real tokens) also the layer's routing statistics for
+        training (v4jax.balancing): {"counts": [E] assignments per expert over the real tokens,
+        "balance": the sequence-wise balance loss, 0 for hash-routed layers}.
+        """
         cfg = self.cfg
-        ids, weights = self.route(x, token_ids)
+        scores = gate_scores(x, self.gate.weight[...])
+        ids, weights = self.route(scores, token_ids)
         flat_x = x.reshape(-1, x.shape[-1])
         w1, w2, w3 = (p.operand() for p in (self.experts.w1, self.experts.w2, self.experts.w3))
         kwargs = dict(limit=cfg.swiglu_limit, act_quant=cfg.quant_sim, impl=cfg.moe_impl)
         routed = expert_dispatch(grouped_experts, flat_x, ids.reshape(-1, ids.shape[-1]),
                                  weights.reshape(-1, ids.shape[-1]), w1, w2, w3, **kwargs)
-        out = routed.reshape(x.shape) + self.shared_experts(x).astype(jnp.float32)
-        return out.astype(x.dtype)
+        out = (routed.reshape(x.shape) + self.shared_experts(x).astype(jnp.float32)).astype(x.dtype)
+        if valid is None:
+            return out
+        hash_routed = hasattr(self.gate, "tid2eid")
+        balance = jnp.zeros((), jnp.float32) if hash_routed else sequence_balance_loss(scores, ids, valid)
+        return out, {"counts": expert_counts(ids, cfg.n_routed_experts, valid), "balance": balance}

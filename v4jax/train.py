@@ -19,30 +19,50 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from v4jax.balancing import bias_update, load_ratio
 from v4jax.errors import DataError
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
 
 
-def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0):
-    """Mean next-token NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL.
+def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0):
+    """Mean next-token NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL, plus
+    balance_weight x the sequence-wise balance loss summed over the bias-routed MoE layers.
 
     input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target.
-    Returns (loss, {"nll", "mtp_nll"}).
+    Returns (loss, (metrics, routing)): metrics "nll", "mtp_nll", "balance_loss",
+    "max_expert_load" (max over layers of max / mean expert load); routing as
+    `Transformer.forward(..., routing=True)` gives it (for the router-bias update).
     """
-    logits, mtp_logits, _ = model.forward(input_ids, mtp=mtp_weight > 0)
+    logits, mtp_logits, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True)
     mask = loss_mask[:, 1:].astype(jnp.float32)
     logp, _ = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     nll = -jnp.sum(logp * mask) / jnp.maximum(mask.sum(), 1.0)
-    metrics = {"nll": nll, "mtp_nll": jnp.zeros(())}
-    loss = nll
+    layer_stats = [s for segment in routing["layers"] for s in segment]
+    layer_stats += [routing["mtp"]] if routing["mtp"] is not None else []
+    balance = sum(jnp.sum(s["balance"]) for s in layer_stats)
+    metrics = {"nll": nll, "mtp_nll": jnp.zeros(()), "balance_loss": balance,
+               "max_expert_load": jnp.max(jnp.stack([jnp.max(load_ratio(s["counts"])) for s in layer_stats]))}
+    loss = nll + balance_weight * balance
     if mtp_weight > 0:
         # MTP at position t reads token t+1 and predicts token t+2.
         mtp_mask = loss_mask[:, 2:].astype(jnp.float32)
         mtp_logp, _ = token_logprobs(mtp_logits[:, :-2], input_ids[:, 2:])
         metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(mtp_mask.sum(), 1.0)
         loss = loss + mtp_weight * metrics["mtp_nll"]
-    return loss, metrics
+    return loss, (metrics, routing)
+
+
+def update_router_biases(model, routing, rate: float) -> None:
+    """The aux-loss-free update of every bias-routed layer's gate bias from this step's expert
+    counts (global: the counts are whole-batch arrays, whatever the mesh). Hash layers have none."""
+    for stack_row, stats_row in zip(model.layers, routing["layers"]):
+        for block, stats in zip(stack_row, stats_row):
+            if hasattr(block.ffn.gate, "bias"):
+                block.ffn.gate.bias[...] = bias_update(block.ffn.gate.bias[...], stats["counts"], rate)
+    if routing["mtp"] is not None and hasattr(model.mtp[0].ffn.gate, "bias"):
+        gate = model.mtp[0].ffn.gate
+        gate.bias[...] = bias_update(gate.bias[...], routing["mtp"]["counts"], rate)
 
 
 def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Optimizer:
@@ -52,13 +72,17 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Op
     return nnx.Optimizer(model, make_transform(config, nnx.state(model, nnx.Param)), wrt=nnx.Param)
 
 
-@nnx.jit(static_argnames="mtp_weight")
-def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0):
-    """One optimiser step; returns the loss metrics of the step (before the update)."""
-    grad_fn = nnx.value_and_grad(lambda m: lm_loss(m, input_ids, loss_mask, mtp_weight), has_aux=True,
-                                 argnums=nnx.DiffState(0, nnx.Param))
-    (loss, metrics), grads = grad_fn(model)
+@nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate"))
+def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0,
+               bias_update_rate: float = 0.0):
+    """One optimiser step, then the router-bias update (bias_update_rate > 0); returns the metrics of
+    the step (before the update)."""
+    grad_fn = nnx.value_and_grad(lambda m: lm_loss(m, input_ids, loss_mask, mtp_weight, balance_weight),
+                                 has_aux=True, argnums=nnx.DiffState(0, nnx.Param))
+    (loss, (metrics, routing)), grads = grad_fn(model)
     optimizer.update(model, grads)
+    if bias_update_rate:
+        update_router_biases(model, routing, bias_update_rate)
     return {"loss": loss, **metrics}
 
 

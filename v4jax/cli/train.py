@@ -44,6 +44,11 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.1, help="decoupled, on matrices only")
     p.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--mtp-weight", type=nonnegative_float, default=0.3, help="weight of the MTP loss (0: off)")
+    p.add_argument("--bias-update-rate", type=nonnegative_float, default=0.0,
+                   help="aux-loss-free router-bias speed after each step (V4 pre-training: 0.001; default 0: "
+                        "biases frozen, as the training spec recommends for fine-tuning)")
+    p.add_argument("--balance-weight", type=nonnegative_float, default=0.0,
+                   help="weight of the sequence-wise balance loss (V4 pre-training: 0.0001; default 0: off)")
     p.add_argument("--save-every", type=positive_int, default=50)
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--mesh", help='e.g. "fsdp=4,expert=2" (default: one device)')
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
         batches = train.packed_batches(documents, args.seq_len, args.batch, seed=step)
         while step < args.steps:
             ids, mask = next(batches)
-            metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight)
+            metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight,
+                                       balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate)
             step += 1
             print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
             if step % args.save_every == 0 or step == args.steps:
