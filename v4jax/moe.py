@@ -101,23 +101,26 @@ def _take(w, idx):
     return jnp.stack(taken).reshape(*idx.shape, *w.shape[1:])
 
 
+def expert_stack(w, dtype):
+    """All experts' matrices [E, out, in] in `dtype` from w: [E, out, in] or kept-quantised (codes, scales)."""
+    if isinstance(w, tuple):
+        return quant.dequant(*w, dtype)
+    return w.astype(dtype)
+
+
 def take_experts(w, idx, dtype):
     """Expert matrices w[idx] in `dtype`: idx [...] int -> [..., out, in].
 
-    w: [E, out, in], or (codes, scales) of kept-quantised experts, which are
-    dequantised after the gather so that only the experts taken are decoded (all of
-    them first, once, when idx takes more matrices than there are experts).
+    Kept-quantised experts are dequantised after the gather, so that only the
+    experts taken are decoded (all of them first, once, when idx takes more
+    matrices than there are experts).
     """
     if not isinstance(w, tuple):
         return _take(w, idx).astype(dtype)
     codes, scales = w
     if idx.size >= codes.shape[0]:
-        return quant.dequant(codes, scales, dtype)[idx]
+        return expert_stack(w, dtype)[idx]
     return quant.dequant(_take(codes, idx), _take(scales, idx), dtype)
-
-
-def n_local_experts(w) -> int:
-    return (w[0] if isinstance(w, tuple) else w).shape[0]
 
 
 def ragged_matmul_t(x, w, group_sizes):
@@ -151,8 +154,8 @@ def _ragged_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     local = (flat >= 0) & (flat < n_experts)
     order = jnp.argsort(jnp.where(local, flat, n_experts))  # foreign experts sort last
     group_sizes = jnp.bincount(jnp.where(local, flat, n_experts), length=n_experts + 1)[:n_experts]
-    mm1, mm3, mm2 = (functools.partial(ragged_matmul_t, w=take_experts(w, jnp.arange(n_experts), x.dtype),
-                                       group_sizes=group_sizes) for w in (w1, w3, w2))
+    mm1, mm3, mm2 = (functools.partial(ragged_matmul_t, w=expert_stack(w, x.dtype), group_sizes=group_sizes)
+                     for w in (w1, w3, w2))
     y = _ffn(x[order // k], weights.reshape(-1)[order], mm1, mm3, mm2, dtype=x.dtype, **ffn)
     y = jnp.where(local[order][:, None], y, 0.0)
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[order // k].add(y)
