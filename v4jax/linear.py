@@ -54,13 +54,12 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, cfg: ModelConfig, rngs: nnx.Rngs,
-                 axes: tuple[str | None, str | None], *, fp8: bool, dtype=None):
-        dtype = dtype or cfg.dtype
+                 axes: tuple[str | None, str | None], *, fp8: bool):
         self.act_quant = fp8 and cfg.quant_sim
         if fp8 and cfg.quantized:
             self.weight, self.scale = random_fp8(rngs, (out_dim, in_dim), axes)
         else:
-            self.weight = param(normal(rngs, (out_dim, in_dim), in_dim**-0.5, dtype), axes)
+            self.weight = param(normal(rngs, (out_dim, in_dim), in_dim**-0.5, cfg.dtype), axes)
 
     def kernel(self, dtype):
         return kernel(self, dtype)

@@ -22,7 +22,8 @@ class Constant(nnx.Variable):
 
 
 class RouterBias(nnx.Variable):
-    """Aux-loss-free routing bias: used only for expert selection, never trained by gradients."""
+    """Aux-loss-free routing bias: used only for expert selection; no gradient moves it, only
+    `v4jax.train.update_router_biases` (the sign-of-load rule after an optimiser step)."""
 
 
 def param(value, axes: tuple[str | None, ...], kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
