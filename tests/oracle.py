@@ -7,6 +7,9 @@ ml_dtypes-typed input arrays; all decoding and rounding is done with explicit bi
 Everything is computed in float64 and nothing is cast to bf16, so this is a *tight* reference
 for the math. `quant_sim=True` additionally simulates the quantisation steps of spec 2.0/2.13
 (FP8 activation quant of FP8/FP4 linears, FP8 KV fake-quant, Hadamard + FP4 indexer fake-quant).
+`bf16=True` rounds to bf16 wherever the reference keeps a tensor in bf16 (spec 2.0: activations
+at rest, linear outputs, the indexer scores), so the quantisation steps see bf16 inputs as in
+the default mode; the math between those points stays float64.
 
 Layout conventions: linear weights are in the published `[out, in]` orientation, `y = x @ W.T`.
 All functions work on one sequence at a time (`S` = sequence length); `forward` loops over batch.
@@ -280,15 +283,15 @@ def attention_with_sink(q, kv_list, sink, scale):
     return o
 
 
-def grouped_out_proj(o, wo_a, wo_b, G, quant=False):
+def grouped_out_proj(o, wo_a, wo_b, G, quant=False, bf16=False):
     """spec 2.3 grouped low-rank output projection.
     o: [S, H, d]; wo_a: [G*r_o, H*d/G]; wo_b: [D, G*r_o] -> [S, D].
     quant: FP8 activation quant on the wo_b input only (wo_a is a plain bf16 einsum, spec 2.0)."""
     S = o.shape[0]
     og = o.reshape(S, G, -1)                                    # [S, G, H*d/G]
     wa = wo_a.reshape(G, -1, og.shape[-1])                      # [G, r_o, H*d/G]
-    u = np.einsum("sgi,gri->sgr", og, wa).reshape(S, -1)        # [S, G*r_o]
-    return linear(u, wo_b, quant)
+    u = _rest(np.einsum("sgi,gri->sgr", og, wa).reshape(S, -1), bf16)   # [S, G*r_o]
+    return _rest(linear(u, wo_b, quant), bf16)
 
 
 def gate_scores(x, W_g):
@@ -309,23 +312,29 @@ def route(scores, bias, tid2eid_rows, topk, route_scale):
     return ids, w / w.sum(axis=-1, keepdims=True) * route_scale
 
 
-def swiglu_clamped(x, w1, w2, w3, limit, route_weight=1.0, quant=False):
+def _rest(x, bf16):
+    """A tensor the reference keeps in bf16 (spec 2.0): rounded when emulating bf16, else as is."""
+    return round_bf16(np.asarray(x, np.float32)).astype(F64) if bf16 else x
+
+
+def swiglu_clamped(x, w1, w2, w3, limit, route_weight=1.0, quant=False, bf16=False, gemm_bf16=True):
     """spec 2.9 expert: g = min(x W1^T, L), v = clamp(x W3^T, -L, L), h = silu(g) v * route_weight,
     y = h W2^T. x: [N, D]; w1, w3: [F, D]; w2: [D, F]; route_weight: scalar or [N].
-    quant: FP8 activation quant of x and of h (inputs of the FP8/FP4 linears)."""
+    quant: FP8 activation quant of x and of h (inputs of the FP8/FP4 linears).
+    bf16 and gemm_bf16: the W1 / W3 outputs rounded to bf16 as the reference's GEMMs return them."""
     xi = fp8_act_quant(x) if quant else x
-    g = xi @ w1.T
-    v = xi @ w3.T
+    g = _rest(xi @ w1.T, bf16 and gemm_bf16)
+    v = _rest(xi @ w3.T, bf16 and gemm_bf16)
     if limit:
         g = np.minimum(g, limit)
         v = np.clip(v, -limit, limit)
     h = g * _sigmoid(g) * v
     rw = np.asarray(route_weight, F64)
-    h = h * (rw[:, None] if rw.ndim == 1 else rw)
-    return linear(h, w2, quant)
+    h = _rest(h * (rw[:, None] if rw.ndim == 1 else rw), bf16)
+    return _rest(linear(h, w2, quant), bf16)
 
 
-def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False):
+def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False, bf16=False, gemm_bf16=True):
     """spec 2.9 MoE. x: [S, D] (after ffn_norm); token_ids: [S] (hash routing input).
     Routed experts (hash ids `gate.tid2eid[token]` or top-k of s + gate.bias) + shared expert."""
     E, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
@@ -343,11 +352,11 @@ def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False):
             continue
         ep = f"{prefix}experts.{e}."
         ye = swiglu_clamped(x[rows], P[ep + "w1.weight"], P[ep + "w2.weight"], P[ep + "w3.weight"],
-                            limit, w[rows, slots], quant)
+                            limit, w[rows, slots], quant, bf16, gemm_bf16)
         np.add.at(y, rows, ye)
     sp = prefix + "shared_experts."
-    return y + swiglu_clamped(x, P[sp + "w1.weight"], P[sp + "w2.weight"], P[sp + "w3.weight"],
-                              limit, 1.0, quant)
+    return _rest(y + swiglu_clamped(x, P[sp + "w1.weight"], P[sp + "w2.weight"], P[sp + "w3.weight"],
+                                    limit, 1.0, quant, bf16, gemm_bf16), bf16)
 
 
 # =============================================================================================
@@ -425,37 +434,48 @@ def layer_inv_freq(cfg, m):
     return rope_inv_freq(dr, cfg["compress_rope_theta"], ys if ys else None)
 
 
-def compressor_entries(x, P, prefix, ratio, overlap, inv_freq, rope_dim, eps):
+def compressor_entries(x, P, prefix, ratio, overlap, inv_freq, rope_dim, eps, bf16=False):
     """spec 2.5: a = x wkv^T, z = x wgate^T + ape[p mod m]; pool (compress); RMSNorm with
     `norm`; RoPE on the last rope_dim dims at position i*m. x: [S, D] -> [S//m, c]."""
     S = x.shape[0]
     pos = np.arange(S)
     a = x @ P[prefix + "wkv.weight"].T                          # [S, k*c]
     z = x @ P[prefix + "wgate.weight"].T + P[prefix + "ape"][pos % ratio]
-    ent = rms_norm(compress(a, z, ratio, overlap), P[prefix + "norm.weight"], eps)   # [N, c]
+    pooled = _rest(compress(a, z, ratio, overlap), bf16)
+    ent = _rest(rms_norm(pooled, P[prefix + "norm.weight"], eps), bf16)              # [N, c]
     epos = np.arange(ent.shape[0]) * ratio
-    ent[:, -rope_dim:] = apply_rope_interleaved(ent[:, -rope_dim:], epos, inv_freq)
+    ent[:, -rope_dim:] = _rest(apply_rope_interleaved(ent[:, -rope_dim:], epos, inv_freq), bf16)
     return ent
 
 
-def lightning_indexer(x, q_lat, P, prefix, cfg, ratio, inv_freq, quant=False):
-    """spec 2.6. x: [S, D] attention input; q_lat: [S, r_q]. Returns list of S sets of entry ids."""
+def lightning_indexer(x, q_lat, P, prefix, cfg, ratio, inv_freq, quant=False, bf16=False, scores_out=None):
+    """spec 2.6. x: [S, D] attention input; q_lat: [S, r_q]. Returns list of S sets of entry ids
+    (and, with `scores_out` a list, appends the [S, N] scores to it)."""
     S = x.shape[0]
     HI, dI, dr = cfg["index_n_heads"], cfg["index_head_dim"], cfg["qk_rope_head_dim"]
     eps = cfg.get("rms_norm_eps", 1e-6)
     pos = np.arange(S)
-    qI = linear(q_lat, P[prefix + "wq_b.weight"], quant).reshape(S, HI, dI)   # [S, H_I, d_I]
-    qI[..., dI - dr:] = apply_rope_interleaved(qI[..., dI - dr:], pos, inv_freq)
-    kI = compressor_entries(x, P, prefix + "compressor.", ratio, True, inv_freq, dr, eps)  # [N, d_I]
-    if quant:
+    qI = _rest(linear(q_lat, P[prefix + "wq_b.weight"], quant), bf16).reshape(S, HI, dI)   # [S, H_I, d_I]
+    qI[..., dI - dr:] = _rest(apply_rope_interleaved(qI[..., dI - dr:], pos, inv_freq), bf16)
+    kI = compressor_entries(x, P, prefix + "compressor.", ratio, True, inv_freq, dr, eps, bf16)  # [N, d_I]
+    if quant and bf16:
+        qI, kI = indexer_fp4_bf16(qI).astype(F64), indexer_fp4_bf16(kI).astype(F64)
+    elif quant:
         Hd = hadamard(dI)
         qI = fp4_fake_quant(qI @ Hd)
         kI = fp4_fake_quant(kI @ Hd)
-    w = (x @ P[prefix + "weights_proj.weight"].T) * dI ** -0.5 * HI ** -0.5  # [S, H_I]
-    return indexer_topk(indexer_scores(qI, kI, w), pos, ratio, cfg["index_topk"])
+    w = _rest(_rest(x @ P[prefix + "weights_proj.weight"].T, bf16) * (dI ** -0.5 * HI ** -0.5), bf16)  # [S, H_I]
+    if bf16:  # the reference's bf16 scores: dots, weighted ReLUs and their head sum each rounded
+        dots = _rest(np.einsum("shd,nd->shn", qI, kI), bf16)
+        scores = _rest(_rest(w[:, :, None] * np.maximum(dots, 0.0), bf16).sum(axis=1), bf16)
+    else:
+        scores = indexer_scores(qI, kI, w)
+    if scores_out is not None:
+        scores_out.append(scores)
+    return indexer_topk(scores, pos, ratio, cfg["index_topk"])
 
 
-def attention(x, P, prefix, m, cfg, quant=False):
+def attention(x, P, prefix, m, cfg, quant=False, bf16=False, scores_out=None):
     """spec 2.3-2.7: attention of one layer with compression ratio m. x: [S, D] -> [S, D]."""
     S = x.shape[0]
     H, d, dr = cfg["num_attention_heads"], cfg["head_dim"], cfg["qk_rope_head_dim"]
@@ -464,23 +484,24 @@ def attention(x, P, prefix, m, cfg, quant=False):
     pos = np.arange(S)
     inv = layer_inv_freq(cfg, m)
     # query path
-    q_lat = rms_norm(linear(x, P[prefix + "wq_a.weight"], quant), P[prefix + "q_norm.weight"], eps)
-    q = linear(q_lat, P[prefix + "wq_b.weight"], quant).reshape(S, H, d)     # [S, H, d]
-    q = rms_norm(q, None, eps)
-    q[..., d - dr:] = apply_rope_interleaved(q[..., d - dr:], pos, inv)
+    r = lambda v: _rest(v, bf16)
+    q_lat = r(rms_norm(r(linear(x, P[prefix + "wq_a.weight"], quant)), P[prefix + "q_norm.weight"], eps))
+    q = r(linear(q_lat, P[prefix + "wq_b.weight"], quant)).reshape(S, H, d)  # [S, H, d]
+    q = r(rms_norm(q, None, eps))
+    q[..., d - dr:] = r(apply_rope_interleaved(q[..., d - dr:], pos, inv))
     # kv path (single shared head, K = V)
-    kv = rms_norm(linear(x, P[prefix + "wkv.weight"], quant), P[prefix + "kv_norm.weight"], eps)
-    kv[:, d - dr:] = apply_rope_interleaved(kv[:, d - dr:], pos, inv)          # [S, d]
+    kv = r(rms_norm(r(linear(x, P[prefix + "wkv.weight"], quant)), P[prefix + "kv_norm.weight"], eps))
+    kv[:, d - dr:] = r(apply_rope_interleaved(kv[:, d - dr:], pos, inv))       # [S, d]
     if quant:
         kv = fp8_kv_fake_quant(kv, d - dr)
     comp, selected = None, None
     if m > 0:
         overlap = (m == 4)
-        comp = compressor_entries(x, P, prefix + "compressor.", m, overlap, inv, dr, eps)  # [S//m, d]
+        comp = compressor_entries(x, P, prefix + "compressor.", m, overlap, inv, dr, eps, bf16)  # [S//m, d]
         if quant:
             comp = fp8_kv_fake_quant(comp, d - dr)
         if overlap:
-            selected = lightning_indexer(x, q_lat, P, prefix + "indexer.", cfg, m, inv, quant)
+            selected = lightning_indexer(x, q_lat, P, prefix + "indexer.", cfg, m, inv, quant, bf16, scores_out)
     kv_list = []
     for t in range(S):
         p = int(pos[t])
@@ -490,29 +511,31 @@ def attention(x, P, prefix, m, cfg, quant=False):
             idx = sorted(selected[t]) if selected is not None else list(range(n))
             parts.append(comp[np.asarray(idx, dtype=np.int64)].reshape(-1, d))
         kv_list.append(np.concatenate(parts, axis=0))
-    o = attention_with_sink(q, kv_list, P[prefix + "attn_sink"], d ** -0.5)   # [S, H, d]
-    o[..., d - dr:] = apply_rope_interleaved(o[..., d - dr:], pos, inv, inverse=True)
+    o = r(attention_with_sink(q, kv_list, P[prefix + "attn_sink"], d ** -0.5))   # [S, H, d]
+    o[..., d - dr:] = r(apply_rope_interleaved(o[..., d - dr:], pos, inv, inverse=True))
     return grouped_out_proj(o, P[prefix + "wo_a.weight"], P[prefix + "wo_b.weight"],
-                            cfg["o_groups"], quant)
+                            cfg["o_groups"], quant, bf16)
 
 
-def block(X, token_ids, P, prefix, m, hash_layer, cfg, quant=False):
+def block(X, token_ids, P, prefix, m, hash_layer, cfg, quant=False, bf16=False, scores_out=None, gemm_bf16=True):
     """spec 2.7b: one decoder block on hyper-connection streams X: [S, n_hc, D] -> same shape."""
     eps = cfg.get("rms_norm_eps", 1e-6)
     hc_eps = cfg.get("hc_eps", 1e-6)
     iters = cfg.get("hc_sinkhorn_iters", 20)
+    r = lambda v: _rest(v, bf16)
     y, post, C = hc_pre(X, P[prefix + "hc_attn_fn"], P[prefix + "hc_attn_base"],
                         P[prefix + "hc_attn_scale"], hc_eps, eps, iters)
-    a = attention(rms_norm(y, P[prefix + "attn_norm.weight"], eps), P, prefix + "attn.", m, cfg, quant)
-    X = hc_post(a, X, post, C)
+    a = attention(r(rms_norm(r(y), P[prefix + "attn_norm.weight"], eps)), P, prefix + "attn.", m, cfg, quant,
+                  bf16, scores_out)
+    X = r(hc_post(a, X, post, C))
     y, post, C = hc_pre(X, P[prefix + "hc_ffn_fn"], P[prefix + "hc_ffn_base"],
                         P[prefix + "hc_ffn_scale"], hc_eps, eps, iters)
-    f = moe(rms_norm(y, P[prefix + "ffn_norm.weight"], eps), token_ids, P, prefix + "ffn.", cfg,
-            hash_layer, quant)
-    return hc_post(f, X, post, C)
+    f = moe(r(rms_norm(r(y), P[prefix + "ffn_norm.weight"], eps)), token_ids, P, prefix + "ffn.", cfg,
+            hash_layer, quant, bf16, gemm_bf16)
+    return r(hc_post(f, X, post, C))
 
 
-def forward(config, params, token_ids, quant_sim=False):
+def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=None, expert_gemm_bf16=True):
     """Full DeepSeek-V4 forward (spec 2.1-2.12) in float64.
 
     config: HF-style root config dict (spec 1.1 keys). params: published tensor names -> already
@@ -521,6 +544,10 @@ def forward(config, params, token_ids, quant_sim=False):
     quant_sim: simulate FP8 activation quant (inputs of wq_a, wq_b, wkv, wo_b, indexer.wq_b,
     shared and routed w1/w2/w3, e_proj, h_proj), FP8 KV fake-quant (window kv and main compressed
     entries, non-RoPE dims) and Hadamard + FP4 fake-quant of indexer q and keys.
+
+    bf16: round to bf16 where the reference keeps bf16 (see the module docstring); scores_out: a list
+    that collects every CSA layer's indexer scores [seq, N] (per sequence, in layer order);
+    expert_gemm_bf16=False keeps the expert W1 / W3 outputs unrounded (the reference rounds them).
 
     Returns {"logits": [batch, seq, vocab], "mtp_logits": [batch, seq, vocab] or None}.
     MTP (spec 2.12, DeepSeek-V3 alignment): position t combines the main model's final streams at
@@ -548,20 +575,22 @@ def forward(config, params, token_ids, quant_sim=False):
         tok = ids[b]
         X = np.repeat(embed[tok][:, None, :], n_hc, axis=1)     # [S, n_hc, D] (spec 2.1)
         for layer in range(L):
-            X = block(X, tok, P, f"layers.{layer}.", ratios[layer], layer < n_hash, cfg, quant_sim)
-        h = hc_head(X, P["hc_head_fn"], P["hc_head_base"], P["hc_head_scale"], hc_eps, eps)
-        logits[b] = rms_norm(h, P["norm.weight"], eps) @ head.T
+            X = block(X, tok, P, f"layers.{layer}.", ratios[layer], layer < n_hash, cfg, quant_sim, bf16, scores_out,
+                      expert_gemm_bf16)
+        h = _rest(hc_head(X, P["hc_head_fn"], P["hc_head_base"], P["hc_head_scale"], hc_eps, eps), bf16)
+        logits[b] = _rest(rms_norm(h, P["norm.weight"], eps), bf16) @ head.T
         if has_mtp:                                             # spec 2.12
             mp = "mtp.0."
             nxt = np.concatenate([tok[1:], np.zeros(1, dtype=np.int64)])   # last: placeholder 0
-            e = rms_norm(embed[nxt], P[mp + "enorm.weight"], eps)
-            X0 = (linear(e, P[mp + "e_proj.weight"], quant_sim)[:, None, :]
-                  + linear(rms_norm(X, P[mp + "hnorm.weight"], eps), P[mp + "h_proj.weight"], quant_sim))
+            r = lambda v: _rest(v, bf16)
+            e = r(rms_norm(embed[nxt], P[mp + "enorm.weight"], eps))
+            X0 = r(r(linear(e, P[mp + "e_proj.weight"], quant_sim))[:, None, :]
+                   + r(linear(r(rms_norm(X, P[mp + "hnorm.weight"], eps)), P[mp + "h_proj.weight"], quant_sim)))
             m_mtp = ratios[L] if len(ratios) > L else 0
-            X1 = block(X0, nxt, P, mp, m_mtp, False, cfg, quant_sim)
-            hm = hc_head(X1, P[mp + "hc_head_fn"], P[mp + "hc_head_base"], P[mp + "hc_head_scale"],
-                         hc_eps, eps)
-            mtp_logits[b] = rms_norm(hm, P[mp + "norm.weight"], eps) @ head.T
+            X1 = block(X0, nxt, P, mp, m_mtp, False, cfg, quant_sim, bf16, None, expert_gemm_bf16)
+            hm = r(hc_head(X1, P[mp + "hc_head_fn"], P[mp + "hc_head_base"], P[mp + "hc_head_scale"],
+                           hc_eps, eps))
+            mtp_logits[b] = r(rms_norm(hm, P[mp + "norm.weight"], eps)) @ head.T
     return {"logits": logits, "mtp_logits": mtp_logits}
 
 

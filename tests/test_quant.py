@@ -18,7 +18,7 @@ import oracle
 from v4jax import cache, quant
 from v4jax.attention import kv_fake_quant
 from v4jax.config import ModelConfig
-from v4jax.indexer import hadamard_rotate, rotate_and_quantize
+from v4jax.indexer import hadamard_rotate, indexer_scores, rotate_and_quantize, select_topk
 from v4jax.linear import Linear
 from v4jax.model import Transformer
 
@@ -207,3 +207,23 @@ def test_cache_rows_are_the_spec_byte_layouts():
                                              .astype(jnp.float32)), kv)
     np.testing.assert_array_equal(np.asarray(cache.unpack_keys(jnp.asarray(packed), 128, jnp.bfloat16)
                                              .astype(jnp.float32)), keys)
+
+
+def test_indexer_scores_round_to_bf16_as_the_reference_and_top_k_breaks_ties_low():
+    """dots, weighted ReLUs and the head sum each rounded to bf16 once; bf16 scores tie often, and the
+    top-k keeps the lower entry index of a tie (the oracle's rule)."""
+    x = lambda *shape: oracle.round_bf16(np.round(RNG.normal(size=shape) * 2**10) / 2**12)
+    q, k = oracle.indexer_fp4_bf16(x(1, 6, 4, 128)), oracle.indexer_fp4_bf16(x(1, 40, 128))
+    w = bf16(1, 6, 4, scale=0.05)
+    got = indexer_scores(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, w)))
+    assert got.dtype == jnp.bfloat16
+    dots = oracle.round_bf16(np.einsum("bqhd,bnd->bqhn", q.astype(np.float64), k).astype(np.float32))
+    weighted = oracle.round_bf16(np.maximum(dots, 0) * w[..., None])
+    want = oracle.round_bf16(weighted.astype(np.float64).sum(axis=2).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+    positions = np.arange(100, 106)
+    visible = np.arange(40)[None, :] < ((positions + 1) // 4)[:, None]
+    idx, valid = select_topk(got, jnp.asarray(visible)[None], 8)
+    chosen = [set(np.asarray(idx[0, t])[np.asarray(valid[0, t])].tolist()) for t in range(6)]
+    assert chosen == oracle.indexer_topk(want[0].astype(np.float64), positions, 4, 8)
+    assert any(len(np.unique(want[0, t])) < 40 for t in range(6))  # bf16 scores do tie

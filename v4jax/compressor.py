@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.linear import Linear, matmul_t
 from v4jax.norms import RMSNorm
@@ -85,16 +86,13 @@ class Compressor(nnx.Module):
     """Owns wkv, wgate, ape and norm; `c` is the entry width (head_dim, or index_head_dim for the indexer's)."""
 
     def __init__(self, cfg: ModelConfig, ratio: int, c: int, rngs: nnx.Rngs):
-        self.ratio, self.c, self.eps = ratio, c, cfg.rms_norm_eps
+        self.ratio = ratio
         self.overlap = ratio == 4
         width = (2 if self.overlap else 1) * c
         self.wkv = Linear(cfg.hidden_size, width, cfg, rngs, ("kv", "embed"), fp8=False)
         self.wgate = Linear(cfg.hidden_size, width, cfg, rngs, ("kv", "embed"), fp8=False)
         self.ape = param(normal(rngs, (ratio, width), 0.02, jnp.float32), (None, "kv"))
         self.norm = RMSNorm(c, cfg.rms_norm_eps, cfg.dtype, ("kv",))
-
-    def carry_shape(self) -> tuple[int, int]:
-        return ((2 if self.overlap else 1) * self.ratio, (2 if self.overlap else 1) * self.c)
 
     def __call__(self, x, start, lengths, carry_kv, carry_score, inv_freq):
         """x: [batch, T, dim] (the attention input), start/lengths: [batch].
@@ -109,7 +107,7 @@ class Compressor(nnx.Module):
         z = matmul_t(x32, self.wgate.kernel(jnp.float32), jnp.float32) + self.ape[...][positions % self.ratio]
         ext_a = ext_layout(a, carry_kv, start, lengths, self.ratio, self.overlap, 0.0)
         ext_z = ext_layout(z, carry_score, start, lengths, self.ratio, self.overlap, EMPTY_SCORE)
-        pooled = pool_groups(ext_a, ext_z, self.ratio, self.overlap).astype(x.dtype)
+        pooled = quant.round_to(pool_groups(ext_a, ext_z, self.ratio, self.overlap), x.dtype)
         group = start[:, None] // self.ratio + jnp.arange(pooled.shape[1])  # [batch, K-1]
         entries = apply_rope(self.norm(pooled), group * self.ratio, inv_freq)
         complete = (group + 1) * self.ratio <= (start + lengths)[:, None]

@@ -20,9 +20,16 @@ from v4jax.sharding import top_k
 
 
 def indexer_scores(q, k, w):
-    """q: [batch, Tq, H_I, d_I], k: [batch, N, d_I], w: [batch, Tq, H_I] -> [batch, Tq, N] float32."""
-    dots = jnp.einsum("bqhd,bnd->bqhn", q, k, preferred_element_type=jnp.float32)
-    return jnp.einsum("bqh,bqhn->bqn", w.astype(jnp.float32), jax.nn.relu(dots))
+    """q: [batch, Tq, H_I, d_I], k: [batch, N, d_I], w: [batch, Tq, H_I] -> [batch, Tq, N] in w's dtype.
+
+    In the activation dtype as the reference (bf16 by default: its top-k is twice as
+    fast at 99.7% recall, V4 report): the dots, their weighted ReLUs and the head sum
+    are each rounded once (float32 accumulation); float32 activations stay float32.
+    """
+    dtype = w.dtype
+    dots = jnp.einsum("bqhd,bnd->bqhn", q, k, preferred_element_type=jnp.float32).astype(dtype)
+    weighted = jax.nn.relu(dots) * w[..., None]  # [batch, Tq, H_I, N]
+    return jnp.sum(weighted, axis=2, dtype=jnp.float32).astype(dtype)
 
 
 def select_topk(scores, visible, k: int):
@@ -59,7 +66,7 @@ def rotate_and_quantize(x, enabled: bool):
 class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
-        self.topk, self.quant_sim = cfg.index_topk, cfg.quant_sim
+        self.quant_sim = cfg.quant_sim
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, cfg, rngs, ("index_heads", "q_lora"),
                            fp8=True)
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads, cfg, rngs, ("index_heads", "embed"), fp8=False)
@@ -70,9 +77,9 @@ class Indexer(nnx.Module):
         return rotate_and_quantize(entries, self.quant_sim)
 
     def queries(self, x, q_lat, positions, inv_freq):
-        """-> q: [batch, T, H_I, d_I], head weights: [batch, T, H_I] float32."""
+        """-> q: [batch, T, H_I, d_I], head weights: [batch, T, H_I] (both in x's dtype)."""
         b, t, _ = x.shape
         q = self.wq_b(q_lat).reshape(b, t, self.n_heads, self.head_dim)
         q = rotate_and_quantize(apply_rope(q, positions[..., None], inv_freq), self.quant_sim)
-        w = self.weights_proj(x).astype(jnp.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        w = self.weights_proj(x) * (self.head_dim**-0.5 * self.n_heads**-0.5)
         return q, w

@@ -123,6 +123,21 @@ def encode_e8m0(scale: np.ndarray) -> np.ndarray:
     return np.asarray(scale, np.float32).astype(ml_dtypes.float8_e8m0fnu)
 
 
+# ---------------------------------------------------------------------------- storage rounding
+def round_to(x, dtype):
+    """x cast to `dtype` with the rounding kept under jit.
+
+    XLA's default excess precision lets a fusion drop a float32 -> bf16 -> float32
+    pair of casts; where the reference stores a bf16 tensor that float32 math then
+    reads (pooled compressor entries, say), that would skip its rounding.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
+        info = jnp.finfo(dtype)
+        x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x.astype(dtype)
+
+
 # ---------------------------------------------------------------------------- scales
 @partial(jax.jit, static_argnames="fmt")
 def pow2_scale(amax, fmt: str):
