@@ -317,14 +317,14 @@ def _rest(x, bf16):
     return round_bf16(np.asarray(x, np.float32)).astype(F64) if bf16 else x
 
 
-def swiglu_clamped(x, w1, w2, w3, limit, route_weight=1.0, quant=False, bf16=False, gemm_bf16=True):
+def swiglu_clamped(x, w1, w2, w3, limit, route_weight=1.0, quant=False, bf16=False):
     """spec 2.9 expert: g = min(x W1^T, L), v = clamp(x W3^T, -L, L), h = silu(g) v * route_weight,
     y = h W2^T. x: [N, D]; w1, w3: [F, D]; w2: [D, F]; route_weight: scalar or [N].
     quant: FP8 activation quant of x and of h (inputs of the FP8/FP4 linears).
-    bf16 and gemm_bf16: the W1 / W3 outputs rounded to bf16 as the reference's GEMMs return them."""
+    bf16: the W1 / W3 outputs rounded to bf16 as the reference's GEMMs return them."""
     xi = fp8_act_quant(x) if quant else x
-    g = _rest(xi @ w1.T, bf16 and gemm_bf16)
-    v = _rest(xi @ w3.T, bf16 and gemm_bf16)
+    g = _rest(xi @ w1.T, bf16)
+    v = _rest(xi @ w3.T, bf16)
     if limit:
         g = np.minimum(g, limit)
         v = np.clip(v, -limit, limit)
@@ -334,7 +334,7 @@ def swiglu_clamped(x, w1, w2, w3, limit, route_weight=1.0, quant=False, bf16=Fal
     return _rest(linear(h, w2, quant), bf16)
 
 
-def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False, bf16=False, gemm_bf16=True):
+def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False, bf16=False):
     """spec 2.9 MoE. x: [S, D] (after ffn_norm); token_ids: [S] (hash routing input).
     Routed experts (hash ids `gate.tid2eid[token]` or top-k of s + gate.bias) + shared expert."""
     E, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
@@ -352,11 +352,11 @@ def moe(x, token_ids, P, prefix, cfg, hash_layer, quant=False, bf16=False, gemm_
             continue
         ep = f"{prefix}experts.{e}."
         ye = swiglu_clamped(x[rows], P[ep + "w1.weight"], P[ep + "w2.weight"], P[ep + "w3.weight"],
-                            limit, w[rows, slots], quant, bf16, gemm_bf16)
+                            limit, w[rows, slots], quant, bf16)
         np.add.at(y, rows, ye)
     sp = prefix + "shared_experts."
     return _rest(y + swiglu_clamped(x, P[sp + "w1.weight"], P[sp + "w2.weight"], P[sp + "w3.weight"],
-                                    limit, 1.0, quant, bf16, gemm_bf16), bf16)
+                                    limit, 1.0, quant, bf16), bf16)
 
 
 # =============================================================================================
@@ -517,7 +517,7 @@ def attention(x, P, prefix, m, cfg, quant=False, bf16=False, scores_out=None):
                             cfg["o_groups"], quant, bf16)
 
 
-def block(X, token_ids, P, prefix, m, hash_layer, cfg, quant=False, bf16=False, scores_out=None, gemm_bf16=True):
+def block(X, token_ids, P, prefix, m, hash_layer, cfg, quant=False, bf16=False, scores_out=None):
     """spec 2.7b: one decoder block on hyper-connection streams X: [S, n_hc, D] -> same shape."""
     eps = cfg.get("rms_norm_eps", 1e-6)
     hc_eps = cfg.get("hc_eps", 1e-6)
@@ -531,11 +531,11 @@ def block(X, token_ids, P, prefix, m, hash_layer, cfg, quant=False, bf16=False, 
     y, post, C = hc_pre(X, P[prefix + "hc_ffn_fn"], P[prefix + "hc_ffn_base"],
                         P[prefix + "hc_ffn_scale"], hc_eps, eps, iters)
     f = moe(r(rms_norm(r(y), P[prefix + "ffn_norm.weight"], eps)), token_ids, P, prefix + "ffn.", cfg,
-            hash_layer, quant, bf16, gemm_bf16)
+            hash_layer, quant, bf16)
     return r(hc_post(f, X, post, C))
 
 
-def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=None, expert_gemm_bf16=True):
+def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=None):
     """Full DeepSeek-V4 forward (spec 2.1-2.12) in float64.
 
     config: HF-style root config dict (spec 1.1 keys). params: published tensor names -> already
@@ -546,8 +546,7 @@ def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=N
     entries, non-RoPE dims) and Hadamard + FP4 fake-quant of indexer q and keys.
 
     bf16: round to bf16 where the reference keeps bf16 (see the module docstring); scores_out: a list
-    that collects every CSA layer's indexer scores [seq, N] (per sequence, in layer order);
-    expert_gemm_bf16=False keeps the expert W1 / W3 outputs unrounded (the reference rounds them).
+    that collects every CSA layer's indexer scores [seq, N] (per sequence, in layer order).
 
     Returns {"logits": [batch, seq, vocab], "mtp_logits": [batch, seq, vocab] or None}.
     MTP (spec 2.12, DeepSeek-V3 alignment): position t combines the main model's final streams at
@@ -575,8 +574,7 @@ def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=N
         tok = ids[b]
         X = np.repeat(embed[tok][:, None, :], n_hc, axis=1)     # [S, n_hc, D] (spec 2.1)
         for layer in range(L):
-            X = block(X, tok, P, f"layers.{layer}.", ratios[layer], layer < n_hash, cfg, quant_sim, bf16, scores_out,
-                      expert_gemm_bf16)
+            X = block(X, tok, P, f"layers.{layer}.", ratios[layer], layer < n_hash, cfg, quant_sim, bf16, scores_out)
         h = _rest(hc_head(X, P["hc_head_fn"], P["hc_head_base"], P["hc_head_scale"], hc_eps, eps), bf16)
         logits[b] = _rest(rms_norm(h, P["norm.weight"], eps), bf16) @ head.T
         if has_mtp:                                             # spec 2.12
@@ -587,7 +585,7 @@ def forward(config, params, token_ids, quant_sim=False, bf16=False, scores_out=N
             X0 = r(r(linear(e, P[mp + "e_proj.weight"], quant_sim))[:, None, :]
                    + r(linear(r(rms_norm(X, P[mp + "hnorm.weight"], eps)), P[mp + "h_proj.weight"], quant_sim)))
             m_mtp = ratios[L] if len(ratios) > L else 0
-            X1 = block(X0, nxt, P, mp, m_mtp, False, cfg, quant_sim, bf16, None, expert_gemm_bf16)
+            X1 = block(X0, nxt, P, mp, m_mtp, False, cfg, quant_sim, bf16, None)
             hm = r(hc_head(X1, P[mp + "hc_head_fn"], P[mp + "hc_head_base"], P[mp + "hc_head_scale"],
                            hc_eps, eps))
             mtp_logits[b] = r(rms_norm(hm, P[mp + "norm.weight"], eps)) @ head.T

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 import oracle
-from v4jax import weights
+from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.generate import Generator
 from v4jax.model import Transformer
@@ -109,11 +109,8 @@ def setup():
     ids = rng.integers(0, RAW["vocab_size"], size=(1, SEQ))
     params = oracle_params(model)
     scores = []
-    # v4jax keeps the expert W1 / W3 GEMM outputs in float32 where the reference rounds them to bf16
-    # (moe.py); emulated as v4jax does, so the comparison sees the quantisation steps.
-    emulate = dict(bf16=True, expert_gemm_bf16=False)
-    emulated = oracle.forward(RAW, params, ids, quant_sim=True, scores_out=scores, **emulate)["logits"][0]
-    plain = oracle.forward(RAW, params, ids, quant_sim=False, **emulate)["logits"][0]
+    emulated = oracle.forward(RAW, params, ids, quant_sim=True, scores_out=scores, bf16=True)["logits"][0]
+    plain = oracle.forward(RAW, params, ids, quant_sim=False, bf16=True)["logits"][0]
     return model, ids, params, emulated, plain, scores[0]
 
 

@@ -8,6 +8,7 @@ grouped matmul here, expert-parallel ones in `v4jax.sharding`) shares it.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "tiled"}
 MOE_IMPLS = ("ragged", "tiled", "gather")
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
 MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
+TILE_WEIGHT_BYTES = 256 * 2**20  # gathered expert matrices alive at once in the tiled path
 
 
 def tile_rows(n_assign: int, n_experts: int) -> int:
@@ -123,6 +125,14 @@ def take_experts(w, idx, dtype):
     return quant.dequant(_take(codes, idx), _take(scales, idx), dtype)
 
 
+def _matrix_shape(w) -> tuple[int, ...]:
+    """[out, in] of one expert's (dequantised) matrix."""
+    if not isinstance(w, tuple):
+        return w.shape[1:]
+    codes, scales = (jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in w)
+    return jax.eval_shape(lambda c, s: quant.dequant(c, s, jnp.float32), codes, scales).shape
+
+
 def ragged_matmul_t(x, w, group_sizes):
     """x: [M, in] rows sorted by group, w: [G, out, in] -> [M, out] float32 (row r uses its group's w)."""
     dims = jax.lax.RaggedDotDimensionNumbers(
@@ -139,7 +149,8 @@ def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
     """
     if act_quant:
         xs = quant.fake_quant_fp8(xs, quant.FP8_BLOCK)
-    h = clamped_swiglu(mm1(xs), mm3(xs), limit)
+    # The reference's expert GEMMs return the activation dtype; the SwiGLU then runs in float32.
+    h = clamped_swiglu(mm1(xs).astype(dtype), mm3(xs).astype(dtype), limit)
     # The routing weight scales h before the down projection, as in the reference.
     h = (h * rw[..., None]).astype(dtype)
     if act_quant:
@@ -191,11 +202,20 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     # Tiles past the last expert's are all padding; they take the last expert's matrices.
     tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * t, side="right"), n_experts - 1)
 
-    def mm(w):
-        wt = take_experts(w, tile_expert, x.dtype)  # [tiles, out, in]
-        return lambda a: jnp.einsum("tri,toi->tro", a, wt, preferred_element_type=jnp.float32)
+    def tiles(chunk):
+        xs_c, rw_c, expert_c = chunk  # [C, t, dim], [C, t], [C]
 
-    y = _ffn(xs, rw, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn).reshape(rows, -1)
+        def mm(w):
+            wt = take_experts(w, expert_c, x.dtype)  # [C, out, in]
+            return lambda a: jnp.einsum("tri,toi->tro", a, wt, preferred_element_type=jnp.float32)
+
+        return _ffn(xs_c, rw_c, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
+
+    # Tiles run in chunks, so the gathered expert matrices live for one chunk at a time: at most
+    # TILE_WEIGHT_BYTES of them, however many tiles a long prefill has.
+    per_tile = 3 * math.prod(_matrix_shape(w1)) * jnp.dtype(x.dtype).itemsize
+    y = jax.lax.map(tiles, (xs, rw, tile_expert), batch_size=max(1, min(n_tiles, TILE_WEIGHT_BYTES // per_tile)))
+    y = y.reshape(rows, -1)
     back = jnp.take(y, slot, axis=0, mode="fill", fill_value=0.0)  # [n*k, dim]; foreign rows 0
     return back.reshape(n, k, -1).sum(axis=1)
 
@@ -269,7 +289,7 @@ class SharedExpert(nnx.Module):
         self.w3 = Linear(d, f, cfg, rngs, ("mlp", "embed"), fp8=True)
 
     def __call__(self, x):
-        h = clamped_swiglu(self.w1(x, jnp.float32), self.w3(x, jnp.float32), self.limit)
+        h = clamped_swiglu(self.w1(x), self.w3(x), self.limit)  # GEMM outputs in the activation dtype, as the reference
         return self.w2(h.astype(x.dtype))
 
 
