@@ -112,7 +112,7 @@ def _entry(path: Path, name: str, info, data_start: int, data_len: int) -> Entry
     if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
         raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZE:
+    if not (isinstance(dtype, str) and dtype in ITEMSIZE):
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, not one a DeepSeek-V4 checkpoint uses")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CheckpointError(f"{path}: tensor {name} has invalid shape {shape!r}")
