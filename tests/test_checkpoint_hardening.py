@@ -176,7 +176,7 @@ def gap(header):
     (lambda p: rewrite_header(p, lambda h: json.dumps(h, indent=1).encode()), r"header is not laid out as"),
     (lambda p: rewrite_header(p, lambda h: json.dumps(h, separators=(",", ":")).encode()[:-1] + b',"'
                               + NORM.encode() + b'":' + json.dumps(h[NORM]).encode() + b"}"),
-     rf"header names '{NORM}' twice"),
+     rf"header is not valid JSON: key '{NORM}' appears twice"),
     (lambda p: rewrite_header(p, lambda h: {"__metadata__": {"format": 1}, **h}), r"__metadata__ must map strings"),
     (lambda p: rewrite_header(p, lambda h: {**h, NORM: {**h[NORM], "dtype": "bf16"}}),
      rf"tensor {NORM} has dtype 'bf16'"),
@@ -186,6 +186,26 @@ def test_file_looser_than_the_safetensors_format_is_refused(src, tmp_path, corru
     corrupt(path)
     refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False), rf"{path.name}: {message}", src,
             tmp_path / "out")
+
+
+def test_a_key_given_twice_is_refused_in_index_and_config(src, tmp_path):
+    text = (src / INDEX).read_text()
+    (src / INDEX).write_text(text.replace('"weight_map": {', '"weight_map": {"norm.weight": "x.safetensors", ', 1))
+    refused(lambda: convert(src, tmp_path / "out", progress=False),
+            rf"{INDEX}: cannot read the index: key 'norm\.weight' appears twice", src, tmp_path)
+    (src / INDEX).write_text(text)
+    config = (src / "config.json").read_text()
+    (src / "config.json").write_text(config.replace("{", '{"vocab_size": 7, ', 1))
+    refused(lambda: convert(src, tmp_path / "out", progress=False),
+            r"config\.json: cannot read config: ValueError: key 'vocab_size' appears twice", src, tmp_path)
+
+
+def test_a_folder_that_is_no_checkpoint_is_named(tmp_path):
+    from v4jax import load_pretrained
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: not a checkpoint folder \(neither a published"):
+        load_pretrained(tmp_path / "empty")
 
 
 def test_config_that_disagrees_with_the_weights_names_tensor_and_key(src, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from v4jax.config import unique_keys
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.inventory import ITEMSIZE, TensorSpec
 
@@ -64,11 +65,9 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from e
-    except _DuplicateKey as e:
-        raise CheckpointError(f"{path}: header names {e.args[0]!r} twice") from None
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except ValueError as e:  # invalid UTF-8 or JSON, a duplicate key
+        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -93,19 +92,6 @@ def read_header(path: Path) -> Header:
                               "(compact JSON in data order, space-padded to 8 bytes), so it could not be "
                               "written back byte for byte")
     return Header(metadata, tuple(entries))
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _entry(path: Path, name: str, info, data_start: int, data_len: int) -> Entry:
