@@ -157,6 +157,18 @@ def test_non_finite_weight_is_refused_with_file_tensor_and_index(src, tmp_path, 
             src, tmp_path / "out")
 
 
+def test_export_of_a_model_with_a_nan_weight_is_refused(converted, tmp_path):
+    from v4jax.checkpoint import converted_config
+
+    cfg = converted_config(converted)
+    flat = {n: np.asarray(v) for n, v in load_flat(converted, model_layout(cfg, cfg.quantized)).items()}
+    flat["layers.3.attn_norm.weight"] = flat["layers.3.attn_norm.weight"].copy()
+    flat["layers.3.attn_norm.weight"][17] = np.nan
+    refused(lambda: export(flat, tmp_path / "out" / "back", cfg=cfg, progress=False),
+            r"flat dict: tensor layers\.3\.attn_norm\.weight holds a non-finite value \(NaN or Inf\) at \[17\]",
+            converted, tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------- format
 NORM = "layers.2.attn_norm.weight"
 
