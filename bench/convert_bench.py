@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def child(src: str, dst: str, mode: str) -> None:
     else:
         convert(src, dst, keep_quantized=mode == "keep", progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "base_rss": base, "peak_rss": status("VmHWM"), **figures}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's CPU time: steadier than wall time on a busy host
+    print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "base_rss": base,
+                      "peak_rss": status("VmHWM"), **figures}))
 
 
 def main() -> None:
@@ -172,10 +175,12 @@ def main() -> None:
               f"{r['base_rss'] / gib:>7.2f}Gi {(r['peak_rss'] - largest) / gib:>20.2f}Gi")
     print("goals: throughput >= 0.8 of the plain read; peak RSS <= largest tensor + 1 GiB "
           f"(largest model-layout leaf: {largest_leaf / 2**20:.0f} MiB)")
-    seconds = {mode: r["seconds"] for mode, r, _ in rows}
+    runs = {mode: r for mode, r, _ in rows}
     for mode in ("dequantised", "keep"):
-        print(f"checks (non-finite values, per-leaf checksums) in {mode}: {seconds[mode]:.1f} s against "
-              f"{seconds[mode + '+unchecked']:.1f} s without ({seconds[mode] / seconds[mode + '+unchecked'] - 1:+.1%})")
+        on, off = runs[mode], runs[mode + "+unchecked"]
+        print(f"checks (non-finite values, per-leaf checksums) in {mode}: {on['seconds']:.1f} s wall / "
+              f"{on['cpu_seconds']:.1f} s CPU against {off['seconds']:.1f} s / {off['cpu_seconds']:.1f} s without "
+              f"({on['seconds'] / off['seconds'] - 1:+.1%} wall, {on['cpu_seconds'] / off['cpu_seconds'] - 1:+.1%} CPU)")
     above = load["peak_rss"] - load["base_rss"]
     print(f"\nload_pretrained of the kept-quantised folder: {load['seconds']:.1f} s; model "
           f"{load['model_bytes'] / gib:.2f} GiB, peak RSS above base {above / gib:.2f} GiB "
