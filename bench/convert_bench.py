@@ -1,6 +1,8 @@
 """Converter throughput and peak memory on a generated published-layout checkpoint (>= 4 GiB).
 
-    python bench/convert_bench.py [--dir /tmp/v4jax-convert-bench]
+    python bench/convert_bench.py [--dir /tmp/v4jax-convert-bench] [--experts 64]
+
+`--experts 16` generates a 1.2 GiB checkpoint instead, for a quicker run.
 
 Measured side by side in one run, each with the source files evicted from the page
 cache first (posix_fadvise), so every pass reads from disk:
@@ -11,6 +13,8 @@ cache first (posix_fadvise), so every pass reads from disk:
   ceiling a writer of that much data faces on this disk.
 - `load_pretrained` of the kept-quantised output, in a fresh process: peak RSS against
   the model's bytes (the CPU device's memory is host memory here).
+- each conversion twice: with the input checks of the decode pass (non-finite values) and
+  the per-leaf checksums on, as shipped, and with both stubbed out, to show what they cost.
 Prints throughput as a fraction of the read, as a fraction of the I/O bound
 (read and durable write perfectly overlapped), and peak RSS against the largest tensor.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -72,13 +77,19 @@ def status(field: str) -> int:
 
 
 def child(src: str, dst: str, mode: str) -> None:
-    """One conversion (mode "dequantised" / "keep") or one `load_pretrained` of the converted
-    folder `src` (mode "load") in this fresh process; prints seconds and RSS figures as JSON."""
+    """One conversion (mode "dequantised" / "keep", "+unchecked" to stub out the non-finite checks
+    and the checksums) or one `load_pretrained` of the converted folder `src` (mode "load") in
+    this fresh process; prints seconds and RSS figures as JSON."""
     import jax
     from flax import nnx
 
     from v4jax import load_pretrained
-    from v4jax.checkpoint import convert
+    from v4jax.checkpoint import convert, converter, model_layout
+
+    if mode.endswith("+unchecked"):
+        mode = mode.removesuffix("+unchecked")
+        model_layout.check_finite = lambda *args: None
+        converter.checksum.start = lambda arrays: {name: [] for name in arrays}
 
     jax.devices()
     base = status("VmRSS")
@@ -90,12 +101,15 @@ def child(src: str, dst: str, mode: str) -> None:
     else:
         convert(src, dst, keep_quantized=mode == "keep", progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "base_rss": base, "peak_rss": status("VmHWM"), **figures}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's CPU time: steadier than wall time on a busy host
+    print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "base_rss": base,
+                      "peak_rss": status("VmHWM"), **figures}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("/tmp/v4jax-convert-bench"))
+    p.add_argument("--experts", type=int, default=64, help="routed experts per layer (sets the size)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -109,8 +123,9 @@ def main() -> None:
 
     args.dir.mkdir(parents=True, exist_ok=True)
     config = args.dir / "config.json"
-    config.write_text(json.dumps({**json.loads((ROOT / "configs" / "tiny.json").read_text()), **WIDE}, indent=2))
-    src = args.dir / "published"
+    config.write_text(json.dumps({**json.loads((ROOT / "configs" / "tiny.json").read_text()), **WIDE,
+                                  "n_routed_experts": args.experts}, indent=2))
+    src = args.dir / f"published-{args.experts}"
     try:
         published = read_published(src)
     except CheckpointError:
@@ -133,7 +148,7 @@ def main() -> None:
     read_s = sequential_read(files)
     print(f"plain sequential read: {read_s:.1f} s, {total / read_s / 1e9:.2f} GB/s")
     rows = []
-    for mode in ("dequantised", "keep"):
+    for mode in ("dequantised", "dequantised+unchecked", "keep", "keep+unchecked"):
         dst = args.dir / f"converted-{mode}"
         shutil.rmtree(dst, ignore_errors=True)
         evict(files)
@@ -151,15 +166,21 @@ def main() -> None:
     print(f"plain durable write of {out_bytes / gib:.1f} GiB (the dequantised output size): {write_s:.1f} s, "
           f"{out_bytes / write_s / 1e9:.2f} GB/s")
     print()
-    print(f"{'mode':<12} {'seconds':>8} {'GB/s in':>8} {'vs read':>8} {'written':>9} {'I/O bound':>9} "
+    print(f"{'mode':<22} {'seconds':>8} {'GB/s in':>8} {'vs read':>8} {'written':>9} {'I/O bound':>9} "
           f"{'vs bound':>8} {'peak RSS':>9} {'base RSS':>9} {'peak - largest tensor':>22}")
     for mode, r, written in rows:
         bound = max(read_s, written / out_bytes * write_s)  # read in, durable write out, fully overlapped
-        print(f"{mode:<12} {r['seconds']:>8.1f} {total / r['seconds'] / 1e9:>8.2f} {read_s / r['seconds']:>8.3f} "
+        print(f"{mode:<22} {r['seconds']:>8.1f} {total / r['seconds'] / 1e9:>8.2f} {read_s / r['seconds']:>8.3f} "
               f"{written / gib:>7.2f}Gi {bound:>8.1f}s {bound / r['seconds']:>8.3f} {r['peak_rss'] / gib:>7.2f}Gi "
               f"{r['base_rss'] / gib:>7.2f}Gi {(r['peak_rss'] - largest) / gib:>20.2f}Gi")
     print("goals: throughput >= 0.8 of the plain read; peak RSS <= largest tensor + 1 GiB "
           f"(largest model-layout leaf: {largest_leaf / 2**20:.0f} MiB)")
+    runs = {mode: r for mode, r, _ in rows}
+    for mode in ("dequantised", "keep"):
+        on, off = runs[mode], runs[mode + "+unchecked"]
+        print(f"checks (non-finite values, per-leaf checksums) in {mode}: {on['seconds']:.1f} s wall / "
+              f"{on['cpu_seconds']:.1f} s CPU against {off['seconds']:.1f} s / {off['cpu_seconds']:.1f} s without "
+              f"({on['seconds'] / off['seconds'] - 1:+.1%} wall, {on['cpu_seconds'] / off['cpu_seconds'] - 1:+.1%} CPU)")
     above = load["peak_rss"] - load["base_rss"]
     print(f"\nload_pretrained of the kept-quantised folder: {load['seconds']:.1f} s; model "
           f"{load['model_bytes'] / gib:.2f} GiB, peak RSS above base {above / gib:.2f} GiB "

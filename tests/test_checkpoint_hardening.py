@@ -157,6 +157,18 @@ def test_non_finite_weight_is_refused_with_file_tensor_and_index(src, tmp_path, 
             src, tmp_path / "out")
 
 
+def test_export_of_a_model_with_a_nan_weight_is_refused(converted, tmp_path):
+    from v4jax.checkpoint import converted_config
+
+    cfg = converted_config(converted)
+    flat = {n: np.asarray(v) for n, v in load_flat(converted, model_layout(cfg, cfg.quantized)).items()}
+    flat["layers.3.attn_norm.weight"] = flat["layers.3.attn_norm.weight"].copy()
+    flat["layers.3.attn_norm.weight"][17] = np.nan
+    refused(lambda: export(flat, tmp_path / "out" / "back", cfg=cfg, progress=False),
+            r"flat dict: tensor layers\.3\.attn_norm\.weight holds a non-finite value \(NaN or Inf\) at \[17\]",
+            converted, tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------- format
 NORM = "layers.2.attn_norm.weight"
 
@@ -176,7 +188,7 @@ def gap(header):
     (lambda p: rewrite_header(p, lambda h: json.dumps(h, indent=1).encode()), r"header is not laid out as"),
     (lambda p: rewrite_header(p, lambda h: json.dumps(h, separators=(",", ":")).encode()[:-1] + b',"'
                               + NORM.encode() + b'":' + json.dumps(h[NORM]).encode() + b"}"),
-     rf"header names '{NORM}' twice"),
+     rf"header is not valid JSON: key '{NORM}' appears twice"),
     (lambda p: rewrite_header(p, lambda h: {"__metadata__": {"format": 1}, **h}), r"__metadata__ must map strings"),
     (lambda p: rewrite_header(p, lambda h: {**h, NORM: {**h[NORM], "dtype": "bf16"}}),
      rf"tensor {NORM} has dtype 'bf16'"),
@@ -186,6 +198,26 @@ def test_file_looser_than_the_safetensors_format_is_refused(src, tmp_path, corru
     corrupt(path)
     refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False), rf"{path.name}: {message}", src,
             tmp_path / "out")
+
+
+def test_a_key_given_twice_is_refused_in_index_and_config(src, tmp_path):
+    text = (src / INDEX).read_text()
+    (src / INDEX).write_text(text.replace('"weight_map": {', '"weight_map": {"norm.weight": "x.safetensors", ', 1))
+    refused(lambda: convert(src, tmp_path / "out", progress=False),
+            rf"{INDEX}: cannot read the index: key 'norm\.weight' appears twice", src, tmp_path)
+    (src / INDEX).write_text(text)
+    config = (src / "config.json").read_text()
+    (src / "config.json").write_text(config.replace("{", '{"vocab_size": 7, ', 1))
+    refused(lambda: convert(src, tmp_path / "out", progress=False),
+            r"config\.json: cannot read config: ValueError: key 'vocab_size' appears twice", src, tmp_path)
+
+
+def test_a_folder_that_is_no_checkpoint_is_named(tmp_path):
+    from v4jax import load_pretrained
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: not a checkpoint folder \(neither a published"):
+        load_pretrained(tmp_path / "empty")
 
 
 def test_config_that_disagrees_with_the_weights_names_tensor_and_key(src, tmp_path):
@@ -279,3 +311,38 @@ def test_sigkilled_convert_leaves_a_staging_folder_that_the_rerun_clears(pristin
     assert rerun.returncode == 0, rerun.stderr
     assert "removed the staging folder of an earlier run that died" in rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+
+
+# ---------------------------------------------------------------------------- training saves
+def test_training_save_records_checksums_and_a_damaged_step_names_the_leaf(tmp_path):
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from v4jax import train
+
+    def fresh(seed):
+        model = nnx.Linear(64, 32, rngs=nnx.Rngs(seed))
+        return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    model, opt = fresh(0)
+    checkpoints = train.Checkpoints(tmp_path / "run")
+    checkpoints.save(5, model, opt)
+    other, other_opt = fresh(1)
+    assert checkpoints.restore(other, other_opt) == 5
+    assert np.array_equal(np.asarray(other.kernel[...]), np.asarray(model.kernel[...]))
+
+    data = max((p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    kernel = np.asarray(model.kernel[...]).tobytes()
+    at = raw.find(kernel[:64])  # uncompressed: the kernel's bytes are in the file as they are
+    assert at >= 0
+    raw[at + 1000] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"run step 5: leaf \['model'\]\['kernel'\] is damaged"):
+        checkpoints.restore(*fresh(2))
+    assert checkpoints.latest_step() == 5
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        train.Checkpoints(tmp_path / "empty").restore(*fresh(3))
+    assert not jnp.isnan(other.kernel[...]).any()

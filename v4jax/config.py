@@ -63,6 +63,17 @@ _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters")
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=unique_keys)`: a key given twice is an error (ValueError),
+    not silently the last value, in configs, indexes and safetensors headers alike."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int  # not bool (an int subclass), not a float such as 4.0
 
@@ -129,8 +140,8 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = json.loads(path.read_text(), object_pairs_hook=unique_keys)
+        except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
             raise ConfigError(f"{path}: cannot read config: {type(e).__name__}: {e}") from None
         return cls.from_dict(raw, source=str(path), **runtime)
 

@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint.experimental import v1 as ocp
 
 from v4jax.balancing import bias_update, load_ratio
-from v4jax.errors import DataError
+from v4jax.checkpoint import checksum
+from v4jax.checkpoint.converter import orbax_context
+from v4jax.errors import CheckpointError, DataError
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
 
@@ -115,29 +117,50 @@ def _shuffled(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> It
 
 
 class Checkpoints:
-    """Orbax save/resume of (model, optimiser) state; each save is atomic (Orbax finalises a step
-    directory only once every array is written)."""
+    """Orbax save/resume of (model, optimiser) state, one step folder per save (Orbax's v1 training
+    Checkpointer, the API the converter uses too). Each save is atomic (Orbax finalises a step
+    only once every array is written) and records a checksum per leaf, verified on restore, so
+    a damaged step is a CheckpointError naming the leaf."""
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3):
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+        self.directory = Path(directory).absolute()  # Orbax wants absolute paths
+        self._checkpointer = ocp.training.Checkpointer(
+            self.directory, context=orbax_context(), preservation_policy=ocp.training.preservation_policies.LatestN(max_to_keep))
 
     def save(self, step: int, model, optimizer) -> None:
-        state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-        self.manager.save(step, args=ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
+        state = _pure_state(model, optimizer)
+        sums = checksum.finish(checksum.start(_by_path(state)))
+        self._checkpointer.save(step, state, custom_metadata={"checksums": sums})
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        latest = self._checkpointer.latest
+        return None if latest is None else latest.step
 
     def restore(self, model, optimizer, step: int | None = None) -> int:
         """Restore into `model` and `optimizer` in place, onto their current shardings."""
-        step = self.manager.latest_step() if step is None else step
+        step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{self.manager.directory}: no checkpoint to resume from")
-        target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+            raise CheckpointError(f"{self.directory}: no checkpoint to resume from")
+        target = _pure_state(model, optimizer)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        nnx.update(model, restored["model"])
-        nnx.update(optimizer, restored["optimizer"])
+        source = f"{self.directory} step {step}"
+        try:
+            recorded = self._checkpointer.metadata(step).custom_metadata["checksums"]
+            restored = self._checkpointer.load(step, abstract)
+        except Exception as e:  # Orbax and tensorstore raise many types for a damaged step
+            raise CheckpointError(f"{source}: cannot restore: {type(e).__name__}: "
+                                  f"{(str(e).strip().splitlines() or [''])[0][:300]}") from e
+        checksum.verify(source, _by_path(restored), recorded)
+        for obj, part in ((model, "model"), (optimizer, "optimizer")):
+            state = nnx.state(obj)
+            nnx.replace_by_pure_dict(state, restored[part])
+            nnx.update(obj, state)
         return step
+
+
+def _pure_state(model, optimizer) -> dict:
+    return {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def _by_path(tree) -> dict[str, jax.Array]:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

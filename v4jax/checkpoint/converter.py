@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
+from v4jax.checkpoint.layout import INDEX
 from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
 from v4jax.checkpoint.staging import check_absent, is_primary, staging
-from v4jax.config import ConfigError, ModelConfig
+from v4jax.config import ConfigError, ModelConfig, unique_keys
 from v4jax.errors import CheckpointError
 
 STATE = "state"
@@ -131,7 +132,7 @@ def converted_config(path: str | Path) -> ModelConfig:
     """The config of a converted folder, with `dtype` and `quantized` (= kept quantised) as converted."""
     path = Path(path).absolute()
     if not (path / INFO).is_file():
-        raise CheckpointError(f"{path}: not a converted v4jax checkpoint (no {INFO})")
+        raise CheckpointError(f"{path}: not a checkpoint folder (neither a published {INDEX} nor a converted {INFO})")
     info = read_json(path / INFO)
     if not (isinstance(info, dict) and info.get("dtype") in ("bfloat16", "float32")
             and isinstance(info.get("keep_quantized"), bool)):
@@ -146,8 +147,8 @@ def converted_config(path: str | Path) -> ModelConfig:
 def read_json(path: Path):
     """A JSON file of a checkpoint folder; unreadable or invalid -> CheckpointError naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(), object_pairs_hook=unique_keys)
+    except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
         raise CheckpointError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
 
 

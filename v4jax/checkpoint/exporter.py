@@ -22,7 +22,8 @@ from tqdm import tqdm
 from v4jax.checkpoint.converter import LAYOUT, byte_batches, converted_config, load_flat
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
-from v4jax.checkpoint.model_layout import PlainUnit, QuantizedUnit, encode, model_layout, units
+from v4jax.checkpoint.model_layout import (PlainUnit, QuantizedUnit, encode, first_non_finite, model_layout,
+                                           non_finite_message, units)
 from v4jax.checkpoint.reader import COMPANION_FILES
 from v4jax.checkpoint.safetensors_format import ShardWriter
 from v4jax.checkpoint.staging import check_absent, staging
@@ -75,6 +76,9 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
             for unit in batch:
                 try:
                     for name, array in encode(unit, values):
+                        at = first_non_finite(array, specs[name].dtype)
+                        if at is not None:  # a diverged model: the published files would poison any reader
+                            raise CheckpointError(f"tensor {name} {non_finite_message(specs[name].dtype)} at {at}")
                         writers[file_of[name]].write(name, array)
                         bar.update(specs[name].nbytes)
                 except CheckpointError as e:

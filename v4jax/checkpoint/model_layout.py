@@ -161,26 +161,35 @@ def _window(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]
 
 
 # Bit patterns that are not finite numbers: (mask, value) with bits & mask == value. E4M3 (the
-# "fn" variant) has no infinities; S.1111.111 is its NaN.
+# "fn" variant) has no infinities, S.1111.111 is its NaN; 0xFF is E8M0's one NaN.
 _NOT_FINITE = {"BF16": (np.uint16, 0x7F80, 0x7F80), "F32": (np.uint32, 0x7F800000, 0x7F800000),
-               "F8_E4M3": (np.uint8, 0x7F, 0x7F)}
+               "F8_E4M3": (np.uint8, 0x7F, 0x7F), "F8_E8M0": (np.uint8, 0xFF, 0xFF)}
 
 
-def check_finite(pub: PublishedCheckpoint, name: str, raw: np.ndarray, origin: tuple[int, ...]) -> None:
-    """Refuse NaN / Inf (or an E4M3 NaN code) in a window of published tensor `name` that starts at
-    `origin`, naming its file and the first bad index. Runs on the window just read, while it is
-    in cache, as integer compares on the raw bits."""
-    loc = pub.tensors[name]
-    rule = _NOT_FINITE.get(loc.spec.dtype)
+def first_non_finite(raw: np.ndarray, dtype: str) -> list[int] | None:
+    """Index of the first NaN / Inf (E4M3: NaN code) in `raw`, an array of safetensors `dtype`,
+    or None. Integer compares on the raw bits, cheap enough for the decode pass."""
+    rule = _NOT_FINITE.get(dtype)
     if rule is None or raw.size == 0:
-        return
+        return None
     view, mask, value = rule
     bits = raw.view(view)
     bad = (bits & view(mask)) == view(value)
-    if bad.any():
-        at = [int(i) + o for i, o in zip(np.argwhere(bad)[0], origin)]
-        raise CheckpointError(f"{loc.file}: tensor {name} holds a non-finite value "
-                              f"({'NaN code' if loc.spec.dtype == 'F8_E4M3' else 'NaN or Inf'}) at {at}; "
+    return [int(i) for i in np.argwhere(bad)[0]] if bad.any() else None
+
+
+def non_finite_message(dtype: str) -> str:
+    return f"holds a non-finite value ({'NaN code' if dtype == 'F8_E4M3' else 'NaN or Inf'})"
+
+
+def check_finite(pub: PublishedCheckpoint, name: str, raw: np.ndarray, origin: tuple[int, ...]) -> None:
+    """Refuse a non-finite value in a window of published tensor `name` that starts at `origin`,
+    naming its file and the first bad index; runs on the window just read, while it is in cache."""
+    loc = pub.tensors[name]
+    at = first_non_finite(raw, loc.spec.dtype)
+    if at is not None:
+        at = [i + o for i, o in zip(at, origin)]
+        raise CheckpointError(f"{loc.file}: tensor {name} {non_finite_message(loc.spec.dtype)} at {at}; "
                               "the model would compute NaN from it")
 
 

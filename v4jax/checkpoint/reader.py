@@ -22,7 +22,7 @@ import numpy as np
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, Shard, shard_file_name
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES, read_header
-from v4jax.config import ConfigError, ModelConfig
+from v4jax.config import ConfigError, ModelConfig, unique_keys
 from v4jax.checkpoint.inventory import TensorSpec, config_keys_of, published_tensors, total_bytes
 
 # Files besides the weights that travel with a checkpoint through conversion and export.
@@ -132,8 +132,8 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
 
 def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        index = json.loads(index_path.read_text(), object_pairs_hook=unique_keys)
+    except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
         raise CheckpointError(f"{index_path}: cannot read the index: {e}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     metadata = index.get("metadata", {}) if isinstance(index, dict) else None

@@ -19,6 +19,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from v4jax.config import unique_keys
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.inventory import ITEMSIZE, TensorSpec
 
@@ -64,11 +65,9 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from e
-    except _DuplicateKey as e:
-        raise CheckpointError(f"{path}: header names {e.args[0]!r} twice") from None
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except ValueError as e:  # invalid UTF-8 or JSON, a duplicate key
+        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -95,24 +94,11 @@ def read_header(path: Path) -> Header:
     return Header(metadata, tuple(entries))
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
 def _entry(path: Path, name: str, info, data_start: int, data_len: int) -> Entry:
     if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
         raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZE:
+    if not (isinstance(dtype, str) and dtype in ITEMSIZE):
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, not one a DeepSeek-V4 checkpoint uses")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CheckpointError(f"{path}: tensor {name} has invalid shape {shape!r}")
