@@ -2,6 +2,11 @@
 and a rerun of `train` resumes from its latest checkpoint."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +89,54 @@ def test_train_on_a_mesh_saves_and_a_rerun_resumes(word_ckpt, text_data, tmp_pat
     cli.main(common + ["--steps", "3"])
     assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["step 3"]
     assert train.Checkpoints(tmp_path / "run").latest_step() == 3
+
+
+def _same_results(got: Path, want: Path) -> None:
+    a, b = ([json.loads(line) for line in p.read_text().splitlines()] for p in (got, want))
+    assert [r["row"] for r in a] == [r["row"] for r in b] == list(range(len(b)))
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x.keys() == y.keys()
+        np.testing.assert_allclose(x["loglikelihood"], y["loglikelihood"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_killed_after_its_first_batch_reruns_to_the_uninterrupted_file(word_ckpt, tmp_path, capsys):
+    """SIGKILL as soon as the first batch's lines are on disk (each later batch compiles a new
+    width, so the run is still going); the rerun keeps those lines and scores only the rest."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"ids": list(range(3, 3 + n))}) + "\n" for n in (10, 20, 40, 70, 100, 12)))
+    argv = ["eval", "--ckpt", str(word_ckpt), "--data", str(data), "--max-len", "128", "--dtype", "float32",
+            "--no-quant-sim", "--batch-tokens", "256"]
+    part, full = tmp_path / "part.jsonl", tmp_path / "full.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "v4jax.cli", *argv, "--out", str(part)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not (part.exists() and b"\n" in part.read_bytes()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kept = part.read_text().splitlines(keepends=True)
+    assert 1 <= len(kept) < 6
+    cli.main([*argv, "--out", str(part)])
+    assert json.loads(capsys.readouterr().out)["rows_scored"] == 6 - len(kept)
+    assert set(kept) <= set(part.read_text().splitlines(keepends=True))  # finished rows kept as written
+    cli.main([*argv, "--out", str(full)])
+    capsys.readouterr()
+    _same_results(part, full)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_results_file(word_ckpt, tmp_path, capsys):
+    """2 processes x 4 CPU devices (jax.distributed, data=2 spans the processes): each scores its
+    half of every batch, process 0 writes the one results file, equal to one process's."""
+    from test_multihost import MESH, free_port, launch
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in WORDS))
+    argv = ["eval", "--ckpt", str(word_ckpt), "--data", str(data), "--max-len", "32", "--dtype", "float32",
+            "--no-quant-sim"]
+    launch(free_port(), [*argv, "--out", str(tmp_path / "two.jsonl"), "--mesh", MESH])
+    cli.main([*argv, "--out", str(tmp_path / "one.jsonl")])
+    capsys.readouterr()
+    _same_results(tmp_path / "two.jsonl", tmp_path / "one.jsonl")

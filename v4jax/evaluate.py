@@ -16,7 +16,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -144,7 +143,7 @@ def score_batch(model, batch: Batch, pad_id: int = 0) -> list[tuple[np.ndarray, 
     ids = np.full((batch.rows, batch.width), pad_id, np.int32)  # [rows, width]
     for r, w in enumerate(batch.windows):
         ids[r, :len(w.tokens)] = w.tokens
-    logp, greedy = (fetch(a) for a in _score(model, jnp.asarray(ids)))
+    logp, greedy = (fetch(a) for a in _score(model, ids))  # numpy: every process passes the same batch
     # logp[:, t] scores token t + 1
     return [(logp[r, w.start - 1:w.end - 1], greedy[r, w.start - 1:w.end - 1]) for r, w in enumerate(batch.windows)]
 
