@@ -10,6 +10,7 @@ import oracle
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
 from v4jax.evaluate import (
+    Batch,
     Window,
     continuation_window,
     document_windows,
@@ -120,7 +121,8 @@ def expected_document(params, doc):
 
 def test_scores_match_the_oracle_whatever_the_batching(small):
     """Documents shorter and longer than max_len and (context, continuation) pairs (one whose context
-    must lose its oldest tokens) scored in mixed-length batches, and again one window per batch:
+    must lose its oldest tokens) scored in mixed-length batches, and again one window per batch
+    (the other rows padding):
     every row equals the oracle's log-softmax sum, so padding and batch composition change nothing."""
     model, params = small
     rng = np.random.default_rng(5)
@@ -132,7 +134,9 @@ def test_scores_match_the_oracle_whatever_the_batching(small):
     assert {(b.rows, b.width) for b in mixed} == {(4, 16), (2, 32)} and any(len(b.windows) < b.rows for b in mixed)
     assert 0 < padded_fraction(mixed) < 1
     got = dict(score(model, windows, mixed))
-    alone = dict(score(model, windows, plan_batches(windows, batch_size=1)))
+    # each window alone in a batch of the same shape (the same compiled programs), the rest padding
+    shape = {w: (b.rows, b.width) for b in mixed for w in b.windows}
+    alone = dict(score(model, windows, [Batch((w,), *shape[w]) for w in windows]))
     assert sorted(got) == sorted(alone) == list(range(len(docs) + len(pairs)))
     for i, doc in enumerate(docs):
         want = expected_document(params, doc)
