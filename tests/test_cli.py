@@ -55,6 +55,10 @@ def test_eval_rerun_scores_only_missing_rows_and_drops_a_torn_line(word_ckpt, tm
     cli.main([*argv, "--out", str(full)])
     assert json.loads(capsys.readouterr().out)["rows_scored"] == 7
     lines = full.read_text().splitlines(keepends=True)
+    cli.main(argv)  # no --out: the same lines on stdout, the summary on stderr
+    streams = capsys.readouterr()
+    assert streams.out.splitlines(keepends=True) == lines
+    assert json.loads(streams.err.splitlines()[-1])["rows"] == 7
     part.write_text(lines[4] + lines[1] + lines[2][:25])
     scored = []
     score = evaluate.score
