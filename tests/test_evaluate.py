@@ -1,12 +1,26 @@
-"""Evaluation scores equal sums computed directly from the model's logits."""
+"""Evaluation scores equal sums computed directly from the model's logits and from the numpy oracle's."""
+
+import json
 
 import numpy as np
 import pytest
 from flax import nnx
 
+import oracle
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
-from v4jax.evaluate import loglikelihood, perplexity, rolling_windows
+from v4jax.evaluate import (
+    Batch,
+    Window,
+    continuation_window,
+    document_windows,
+    loglikelihood,
+    padded_fraction,
+    perplexity,
+    plan_batches,
+    rolling_windows,
+    score,
+)
 from v4jax.model import Transformer
 
 
@@ -63,9 +77,90 @@ def test_bad_ids_lengths_and_sizes_are_refused_before_scoring(model):
     for bad in (1, 0):  # 1 never advanced (an endless loop), 0 grew memory without bound
         with pytest.raises(ValueError, match=f"max_len must be >= 2 .*got {bad}"):
             perplexity(model, [[1, 2, 3]], max_len=bad)
-    with pytest.raises(DataError, match=r"^request 0: token id -3 \(position 1\)"):
+    with pytest.raises(DataError, match=r"^row 0: token id -3 \(position 1\)"):
         loglikelihood(model, [([1], [-3])])
     with pytest.raises(DataError, match=r"^request 1: 5 tokens; at most 4 fit$"):
         loglikelihood(model, [([1], [2]), ([1, 2, 3], [4, 5])], max_len=4)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         loglikelihood(model, [([1], [2])], batch_size=0)
+
+
+# ---------------------------------------------------------------------------- against the numpy oracle
+RAW2 = {**json.load(open("configs/tiny.json")), "num_hidden_layers": 2, "compress_ratios": [4, 128, 0],
+        "num_hash_layers": 1}
+MAX_LEN = 24
+
+
+@pytest.fixture(scope="module")
+def small():
+    """(model, oracle params): a randomised two-layer fp32 model (CSA, HCA and window-only layers)."""
+    from test_model import oracle_params, randomize
+
+    m = Transformer(ModelConfig.from_dict(RAW2, dtype="float32", quant_sim=False), rngs=nnx.Rngs(3))
+    randomize(m, seed=3)
+    return m, oracle_params(m)
+
+
+def oracle_logp(params, tokens):
+    """log p(tokens[t] | tokens[:t]) for t >= 1, float64, from the oracle's logits of one forward."""
+    logits = oracle.forward(RAW2, params, np.asarray([tokens]))["logits"][0]
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return np.array([logp[t - 1, tokens[t]] for t in range(1, len(tokens))])
+
+
+def expected_document(params, doc):
+    """Windows of MAX_LEN scoring MAX_LEN - 1 new tokens each, their context the tokens just before."""
+    out = []
+    for first in range(1, len(doc), MAX_LEN - 1):
+        last = min(first + MAX_LEN - 1, len(doc))
+        window = doc[max(0, last - MAX_LEN):last]
+        out.append(oracle_logp(params, window)[-(last - first):])
+    return np.concatenate(out)
+
+
+def test_scores_match_the_oracle_whatever_the_batching(small):
+    """Documents shorter and longer than max_len and (context, continuation) pairs (one whose context
+    must lose its oldest tokens) scored in mixed-length batches, and again one window per batch
+    (the other rows padding):
+    every row equals the oracle's log-softmax sum, so padding and batch composition change nothing."""
+    model, params = small
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 512, n).tolist() for n in (7, 50, 19, 2, 24)]
+    pairs = [(rng.integers(0, 512, n).tolist(), rng.integers(0, 512, k).tolist()) for n, k in ((3, 2), (30, 4), (9, 9))]
+    windows = [w for i, d in enumerate(docs) for w in document_windows(i, d, MAX_LEN)]
+    windows += [continuation_window(len(docs) + i, c, k, MAX_LEN) for i, (c, k) in enumerate(pairs)]
+    mixed = plan_batches(windows, multiple=2, token_budget=64)  # width 16: 4 rows, width 32: 2 rows
+    assert {(b.rows, b.width) for b in mixed} == {(4, 16), (2, 32)} and any(len(b.windows) < b.rows for b in mixed)
+    assert 0 < padded_fraction(mixed) < 1
+    got = dict(score(model, windows, mixed))
+    # each window alone in a batch of the same shape (the same compiled programs), the rest padding
+    shape = {w: (b.rows, b.width) for b in mixed for w in b.windows}
+    alone = dict(score(model, windows, [Batch((w,), *shape[w]) for w in windows]))
+    assert sorted(got) == sorted(alone) == list(range(len(docs) + len(pairs)))
+    for i, doc in enumerate(docs):
+        want = expected_document(params, doc)
+        np.testing.assert_allclose(got[i].logprobs, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[i].loglikelihood, want.sum(), rtol=1e-5)
+        assert got[i].n_tokens == len(doc) - 1
+    for j, (ctx, cont) in enumerate(pairs):
+        seq = (ctx + cont)[-MAX_LEN:]
+        want = oracle_logp(params, seq)[-len(cont):]
+        np.testing.assert_allclose(got[len(docs) + j].loglikelihood, want.sum(), rtol=1e-5)
+        assert got[len(docs) + j].n_tokens == len(cont)
+    for row in got:
+        np.testing.assert_allclose(alone[row].logprobs, got[row].logprobs, rtol=1e-5, atol=1e-6)
+        assert alone[row].is_greedy == got[row].is_greedy
+
+
+def test_buckets_hold_little_padding_and_fill_the_data_parallel_size():
+    lengths = [3, 17, 18, 30, 31, 32, 33, 60, 64, 64, 100]
+    windows = [Window(i, tuple(range(n)), 1, n) for i, n in enumerate(lengths)]
+    batches = plan_batches(windows, multiple=2, token_budget=128)
+    for b in batches:
+        assert b.rows % 2 == 0 and all(b.width // 2 < len(w.tokens) <= b.width or b.width == 16 for w in b.windows)
+    assert sorted(w.row for b in batches for w in b.windows) == list(range(len(lengths)))
+    real = sum(lengths)
+    assert np.isclose(padded_fraction(batches), 1 - real / sum(b.rows * b.width for b in batches))
+    with pytest.raises(ValueError, match="batch_size must be a positive multiple of 2, got 3"):
+        plan_batches(windows, batch_size=3, multiple=2)

@@ -1,23 +1,29 @@
-"""Batch evaluation: per-token log-likelihoods, lm-eval-style requests and perplexity.
+"""Batch evaluation: per-token log-likelihoods of scoring windows, lm-eval-style requests, perplexity.
 
-All scoring is one full forward per padded batch (right padding is harmless: the
-model is causal). Requests are sorted by length and cut into batches whose padded
-length is rounded up to a bucket, so a data set compiles a handful of shapes.
+A row of a data set becomes one or more `Window`s: a forward input and the span of it
+that is scored. A document is cut into rolling windows (every token after its first
+scored once, with as much preceding context as fits); a (context, continuation) pair is
+one window scoring the continuation. Windows are grouped by padded length (a power-of-two
+bucket), so a batch carries little padding and a data set compiles one program per
+bucket; each batch holds as many rows as fit a token budget, a multiple of the mesh's
+data-parallel size. Right padding never changes a score: the model is causal and the
+routed experts never drop a token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from v4jax.errors import DataError
 from v4jax.sharding import fetch
 from v4jax.tokens import bucket, check_token_ids, token_logprobs
+
+TOKEN_BUDGET = 8192  # padded tokens per batch when the row count is not given
 
 
 @nnx.jit
@@ -26,51 +32,14 @@ def _score(model, ids):
     return token_logprobs(model(ids)[:, :-1], ids[:, 1:])
 
 
+# ---------------------------------------------------------------------------- windows
 @dataclasses.dataclass(frozen=True)
-class Score:
-    loglikelihood: float  # sum of log p over the scored tokens
-    is_greedy: bool  # every scored token is the argmax
-    n_tokens: int
-
-
-def score_spans(model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
-                batch_size: int = 8, pad_id: int = 0) -> list[Score]:
-    """Log-likelihood of tokens seq[a:b] given seq[:a], for each (seq, (a, b)) with a >= 1."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, (seq, (a, b)) in enumerate(zip(sequences, spans, strict=True)):
-        if not 1 <= a <= b <= len(seq):
-            raise DataError(f"request {i}: span {(a, b)} is not inside a sequence of {len(seq)} tokens")
-        check_token_ids(seq, model.cfg.vocab_size, f"request {i}")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list[Score | None] = [None] * len(sequences)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
-        width = bucket(max(len(sequences[i]) for i in chunk))
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        for row, i in enumerate(chunk):
-            ids[row, :len(sequences[i])] = sequences[i]
-        logp, greedy = (fetch(a) for a in _score(model, jnp.asarray(ids)))
-        for row, i in enumerate(chunk):
-            a, b = spans[i]
-            # logp[:, t] scores token t + 1
-            out[i] = Score(float(logp[row, a - 1:b - 1].sum()), bool(greedy[row, a - 1:b - 1].all()), b - a)
-    return out
-
-
-def loglikelihood(model, requests: Iterable[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
-                  max_len: int | None = None) -> list[Score]:
-    """lm-eval `loglikelihood`: for each (context, continuation) token lists, log p(continuation | context).
-    `max_len` (e.g. the checkpoint's max_position_embeddings) bounds each request's total length."""
-    requests = list(requests)
-    for i, (context, continuation) in enumerate(requests):
-        if not context or not continuation:
-            raise DataError(f"request {i}: context and continuation must both be non-empty token lists")
-        if max_len is not None and len(context) + len(continuation) > max_len:
-            raise DataError(f"request {i}: {len(context) + len(continuation)} tokens; at most {max_len} fit")
-    seqs = [list(c) + list(k) for c, k in requests]
-    spans = [(len(c), len(c) + len(k)) for c, k in requests]
-    return score_spans(model, seqs, spans, batch_size)
+class Window:
+    row: int  # the data-set row it scores part of
+    tokens: tuple[int, ...]  # the forward's input
+    start: int  # tokens[start:end] are scored, each given the tokens before it (start >= 1)
+    end: int
+    part: int = 0  # the window's place among its row's windows
 
 
 def rolling_windows(tokens: Sequence[int], max_len: int) -> list[tuple[list[int], tuple[int, int]]]:
@@ -89,15 +58,160 @@ def rolling_windows(tokens: Sequence[int], max_len: int) -> list[tuple[list[int]
     return windows
 
 
-def perplexity(model, documents: Iterable[Sequence[int]], max_len: int, batch_size: int = 8) -> dict:
-    """Token-level perplexity over documents (first token of each document is context only)."""
+def document_windows(row: int, tokens: Sequence[int], max_len: int) -> list[Window]:
+    """A whole document's windows (none for a one-token document: nothing to score)."""
+    return [Window(row, tuple(w), a, b, k) for k, (w, (a, b)) in enumerate(rolling_windows(tokens, max_len))]
+
+
+def continuation_window(row: int, context: Sequence[int], continuation: Sequence[int],
+                        max_len: int | None = None) -> Window:
+    """log p(continuation | context) as one window; where the two exceed max_len, the context
+    loses its oldest tokens (as lm-eval's HF model truncates), the continuation never."""
+    if not context or not continuation:
+        raise DataError(f"row {row}: context and continuation must both be non-empty token lists")
+    seq = list(context) + list(continuation)
+    if max_len is not None:
+        if len(continuation) >= max_len:
+            raise DataError(f"row {row}: a continuation of {len(continuation)} tokens leaves no context within "
+                            f"max_len {max_len}")
+        seq = seq[-max_len:]
+    return Window(row, tuple(seq), len(seq) - len(continuation), len(seq))
+
+
+# ---------------------------------------------------------------------------- batches
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    windows: tuple[Window, ...]
+    rows: int  # padded batch size (>= len(windows)); the program is [rows, width]
+    width: int
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(len(w.tokens) for w in self.windows)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.rows * self.width
+
+
+def batch_rows(width: int, n_windows: int, multiple: int = 1, token_budget: int = TOKEN_BUDGET) -> int:
+    """Rows of the batches of one bucket of padded width `width` holding n_windows: as many as fit
+    the token budget, but no more than a power-of-two count of `multiple`s (the data-parallel size)
+    holds the bucket's windows, so a small data set is not padded to the budget."""
+    fit = max(1, token_budget // width // multiple)
+    need = 1 << (-(-n_windows // multiple) - 1).bit_length()
+    return multiple * min(fit, need)
+
+
+def plan_batches(windows: Iterable[Window], batch_size: int | None = None, multiple: int = 1,
+                 token_budget: int = TOKEN_BUDGET, min_bucket: int = 16) -> list[Batch]:
+    """Windows grouped by bucket, longest first within a bucket, cut into batches of `batch_size`
+    rows (None: `batch_rows` of the bucket). Batches come in row order of their first window, so a
+    run's results fill in from the top."""
+    if batch_size is not None and (batch_size < 1 or batch_size % multiple):
+        raise ValueError(f"batch_size must be a positive multiple of {multiple}, got {batch_size}")
+    by_width: dict[int, list[Window]] = {}
+    for w in windows:
+        by_width.setdefault(bucket(len(w.tokens), min_bucket), []).append(w)
+    batches = []
+    for width, group in by_width.items():
+        group.sort(key=lambda w: (-len(w.tokens), w.row))
+        rows = batch_size or batch_rows(width, len(group), multiple, token_budget)
+        batches += [Batch(tuple(group[i:i + rows]), rows, width) for i in range(0, len(group), rows)]
+    batches.sort(key=lambda b: min(w.row for w in b.windows))
+    return batches
+
+
+def padded_fraction(batches: Sequence[Batch]) -> float:
+    """Share of the batches' [rows, width] token slots that hold padding."""
+    total = sum(b.padded_tokens for b in batches)
+    return 1 - sum(b.real_tokens for b in batches) / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------- scoring
+@dataclasses.dataclass(frozen=True)
+class Score:
+    loglikelihood: float  # sum of log p over the scored tokens
+    is_greedy: bool  # every scored token is the argmax
+    n_tokens: int
+    logprobs: tuple[float, ...] = ()  # log p of each scored token, in order
+
+
+def score_batch(model, batch: Batch, pad_id: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(log p [n], greedy hit [n]) of each window's scored tokens, in batch order. Every process
+    of a multi-process run must call it with the same batch (the scores are gathered to all)."""
+    ids = np.full((batch.rows, batch.width), pad_id, np.int32)  # [rows, width]
+    for r, w in enumerate(batch.windows):
+        ids[r, :len(w.tokens)] = w.tokens
+    logp, greedy = (fetch(a) for a in _score(model, ids))  # numpy: every process passes the same batch
+    # logp[:, t] scores token t + 1
+    return [(logp[r, w.start - 1:w.end - 1], greedy[r, w.start - 1:w.end - 1]) for r, w in enumerate(batch.windows)]
+
+
+def score(model, windows: Sequence[Window], batches: Sequence[Batch], pad_id: int = 0,
+          on_batch: Callable[[Batch], None] | None = None) -> Iterator[tuple[int, Score]]:
+    """(row, Score) of every row as soon as the batch holding its last window is scored; each
+    row's windows are added up in document order. `batches` is a plan of `windows`."""
+    for w in windows:
+        if not 1 <= w.start <= w.end <= len(w.tokens):
+            raise DataError(f"row {w.row}: span {(w.start, w.end)} is not inside a window of {len(w.tokens)} tokens")
+        check_token_ids(w.tokens, model.cfg.vocab_size, f"row {w.row}")
+    left: dict[int, int] = {}
+    for w in windows:
+        left[w.row] = left.get(w.row, 0) + 1
+    parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for batch in batches:
+        for w, (logp, greedy) in zip(batch.windows, score_batch(model, batch, pad_id)):
+            parts.setdefault(w.row, []).append((w.part, logp, greedy))
+            left[w.row] -= 1
+            if left[w.row] == 0:
+                pieces = [(lp, g) for _, lp, g in sorted(parts.pop(w.row), key=lambda p: p[0])]
+                logp_all = np.concatenate([lp for lp, _ in pieces]).astype(np.float64)
+                yield w.row, Score(float(logp_all.sum()), bool(all(g.all() for _, g in pieces)), logp_all.size,
+                                   tuple(logp_all.tolist()))
+        if on_batch is not None:
+            on_batch(batch)
+
+
+# ---------------------------------------------------------------------------- lm-eval-style entry points
+def loglikelihood(model, requests: Iterable[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
+                  max_len: int | None = None, multiple: int = 1) -> list[Score]:
+    """lm-eval `loglikelihood`: for each (context, continuation) token lists, log p(continuation | context).
+    `max_len` (e.g. the checkpoint's max_position_embeddings) bounds each request's total length."""
+    requests = list(requests)
+    for i, (context, continuation) in enumerate(requests):
+        if max_len is not None and len(context) + len(continuation) > max_len:
+            raise DataError(f"request {i}: {len(context) + len(continuation)} tokens; at most {max_len} fit")
+    windows = [continuation_window(i, c, k) for i, (c, k) in enumerate(requests)]
+    return _in_row_order(model, windows, len(requests), batch_size, multiple)
+
+
+def loglikelihood_rolling(model, documents: Iterable[Sequence[int]], max_len: int, batch_size: int | None = None,
+                          multiple: int = 1) -> list[Score]:
+    """lm-eval `loglikelihood_rolling`: each whole document's log-likelihood, its first token context only."""
     documents = list(documents)
     for i, doc in enumerate(documents):
         check_token_ids(doc, model.cfg.vocab_size, f"document {i}")
-    windows = [w for doc in documents for w in rolling_windows(doc, max_len)]
-    if not windows:
-        raise DataError("no document has two or more tokens to score")
-    scores = score_spans(model, [w for w, _ in windows], [s for _, s in windows], batch_size)
-    nll = -sum(s.loglikelihood for s in scores)
+    windows = [w for i, doc in enumerate(documents) for w in document_windows(i, doc, max_len)]
+    scores = _in_row_order(model, windows, len(documents), batch_size, multiple)
+    return [Score(0.0, True, 0) if s is None else s for s in scores]  # a one-token document scores nothing
+
+
+def perplexity(model, documents: Iterable[Sequence[int]], max_len: int, batch_size: int | None = None,
+               multiple: int = 1) -> dict:
+    """Token-level perplexity over documents (first token of each document is context only)."""
+    scores = loglikelihood_rolling(model, documents, max_len, batch_size, multiple)
     n = sum(s.n_tokens for s in scores)
+    if not n:
+        raise DataError("no document has two or more tokens to score")
+    nll = -sum(s.loglikelihood for s in scores)
     return {"nll_per_token": nll / n, "perplexity": math.exp(nll / n), "tokens": n}
+
+
+def _in_row_order(model, windows, n_rows, batch_size, multiple) -> list[Score | None]:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[Score | None] = [None] * n_rows
+    for row, s in score(model, windows, plan_batches(windows, batch_size, multiple)):
+        out[row] = s
+    return out

@@ -183,11 +183,33 @@ def check_batch(mesh, rules: str, batch: int, what: str) -> None:
         Layout(mesh, get_rules(rules)).spec(("batch",), (batch,), what)
 
 
-def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False):
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The runtime switches of every verb that loads a model (read by `load_model`)."""
+    p.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="compute and parameter dtype (default: bfloat16 for a published folder, what a converted "
+                        "one was converted with)")
+    p.add_argument("--no-quant-sim", dest="quant_sim", action="store_false",
+                   help="turn off the reference's quantisation-aware steps (FP8 activations and KV, FP4 indexer); "
+                        "with --dtype float32 this reproduces fp32 reference numbers")
+
+
+def data_parallel_size(mesh, rules: str = "inference") -> int:
+    """How many ways `rules` split a batch over `mesh` (1 without a mesh): batch sizes are multiples of it."""
+    if mesh is None:
+        return 1
+    from v4jax.sharding import get_rules
+
+    axes = get_rules(rules)["batch"]
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, *, dtype: str | None = None,
+               quant_sim: bool = True):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
-    under those rules (a no-op context without a mesh)."""
+    under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`."""
     from v4jax import load_pretrained
     from v4jax.sharding import use_rules
 
-    model = load_pretrained(ckpt, mesh=mesh, rules=rules, remat=remat)
+    model = load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
     return model, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from v4jax.cli.common import (
     UsageError,
+    add_model_options,
     check_batch,
     checkpoint_config,
     existing_dir,
@@ -43,6 +44,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=prng_seed, default=0)
     p.add_argument("--bf16-cache", action="store_true", help="keep KV in the model dtype, not the FP8 layout")
     p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
+    add_model_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     mesh = mesh_of(args.mesh)
     check_batch(mesh, "inference", len(prompts), f"a batch of {len(prompts)} prompts")
 
-    model, _ = load_model(args.ckpt, mesh)  # the Generator applies the rules itself
+    model, _ = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim)  # the Generator applies the rules itself
     # room for every new token, up to the checkpoint's position limit (then a sequence stops: "length")
     max_len = max(map(len, prompts)) + args.max_new_tokens
     max_len = min(max_len, limit) if limit is not None else max_len

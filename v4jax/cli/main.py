@@ -14,11 +14,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from v4jax.cli import convert, demo, eval, export, generate, plan, train
+from v4jax.cli import convert, demo, eval, export, generate, lm_eval, plan, train
 from v4jax.cli.common import UsageError, nonnegative_int, positive_int
 from v4jax.errors import MeshError, ShardingError, V4jaxError
 
-VERBS = (convert, export, generate, eval, train, demo, plan)  # each: add(subparsers) registers it
+VERBS = (convert, export, generate, eval, lm_eval, train, demo, plan)  # each: add(subparsers) registers it
 USAGE = (UsageError, MeshError, ShardingError)
 # OSErrors about a path the user named (the file types and folders it points to)
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -50,7 +50,11 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run `v4jax ARGV`; a user's mistake raises SystemExit with its exit code after one line on stderr."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # a verb with passthrough hands these to the program it wraps (lm-eval)
     if (args.coordinator or args.num_processes or args.process_id is not None) and not args.distributed:
         _fail("v4jax", "--coordinator, --num-processes and --process-id go with --distributed", 2)
     try:

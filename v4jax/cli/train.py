@@ -9,6 +9,7 @@ from pathlib import Path
 
 from v4jax.cli.common import (
     UsageError,
+    add_model_options,
     check_batch,
     checkpoint_config,
     dir_to_use,
@@ -52,6 +53,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=positive_int, default=50)
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--mesh", help='e.g. "fsdp=4,expert=2" (default: one device)')
+    add_model_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     mesh = mesh_of(args.mesh)
     check_batch(mesh, "training", args.batch, "--batch")
 
-    model, on_mesh = load_model(args.ckpt, mesh, rules="training", remat=args.remat)
+    model, on_mesh = load_model(args.ckpt, mesh, rules="training", remat=args.remat, dtype=args.dtype,
+                                quant_sim=args.quant_sim)
     with on_mesh:  # the optimizer's moments follow their parameters, its step count lands on the mesh
         opt = train.make_optimizer(model, OptimizerConfig(
             name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
