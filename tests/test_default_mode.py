@@ -102,7 +102,10 @@ def per_position(a, b):
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = ModelConfig.from_dict(RAW, dtype="bfloat16", quant_sim=True)
+    # With moe_impl "tiled" the whole-model fusion lets XLA's excess precision skip one bf16
+    # rounding elsewhere in the network (under --xla_allow_excess_precision=false "tiled" and
+    # "ragged" give identical logits; the spot is not yet found), so the fixture pins "ragged".
+    cfg = ModelConfig.from_dict(RAW, dtype="bfloat16", quant_sim=True, moe_impl="ragged")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     weights.load_flat(model, design(weights.to_flat(model), rng))

@@ -1,7 +1,9 @@
 """Every code block of the README runs as written, in order, in one scratch folder (relative paths
 as a user types them): ```python blocks share one namespace, ```bash blocks run in bash -e. A block
-after `<!-- readme: slow -->` runs only in the slow suite; the block after `<!-- readme: ci -->`
-is the test command, which must be .ci/run's (CI runs it; running it here would recurse)."""
+after `<!-- readme: slow -->` runs only in the slow suite; one after `<!-- readme: setup -->`
+(installing from the checkout) runs there too, in the checkout itself; the block after
+`<!-- readme: ci -->` is the test command, which must be .ci/run's (CI runs it; running it here
+would recurse)."""
 
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ def run_blocks(workdir: Path, include_slow: bool):
     os.chdir(workdir)
     try:
         for mark, lang, code, line in blocks():
-            if mark == "ci" or (mark == "slow" and not include_slow):
+            if mark == "ci" or (mark in ("slow", "setup") and not include_slow):
                 continue
             if lang == "python":
                 exec(compile(code, f"README.md:{line}", "exec"), namespace)
             elif lang == "bash":
                 done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], env=env, capture_output=True,
-                                      text=True, timeout=1800)
+                                      text=True, timeout=1800, cwd=ROOT if mark == "setup" else workdir)
                 assert done.returncode == 0, f"README.md:{line} failed:\n{code}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
             else:
                 raise AssertionError(f"README.md:{line}: code block of language {lang!r} (use python or bash)")

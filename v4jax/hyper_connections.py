@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.norms import rms_normalize
+from v4jax.quant import round_to
 
 
 def sinkhorn(logits, iters: int, eps: float):
@@ -50,17 +51,17 @@ def hc_pre(x, fn, base, scale, *, iters: int, hc_eps: float, norm_eps: float):
     comb_logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
     comb = sinkhorn(comb_logits, iters, hc_eps)
     y = jnp.einsum("...j,...jd->...d", pre, x.astype(jnp.float32))
-    return y.astype(x.dtype), post, comb
+    return round_to(y, x.dtype), post, comb
 
 
 def hc_post(o, x, post, comb):
     """X'[k] = post[k] * o + Σ_j comb[j, k] X[j]; o: [batch, seq, dim], x: [batch, seq, n, dim]."""
     mixed = jnp.einsum("...jk,...jd->...kd", comb, x.astype(jnp.float32))
-    return (post[..., None] * o.astype(jnp.float32)[..., None, :] + mixed).astype(x.dtype)
+    return round_to(post[..., None] * o.astype(jnp.float32)[..., None, :] + mixed, x.dtype)
 
 
 def hc_head(x, fn, base, scale, *, hc_eps: float, norm_eps: float):
     """Final collapse of the streams (no Sinkhorn, no post): x: [..., n, dim] -> [..., dim]."""
     mixes = hc_mixes(x, fn, norm_eps)
     w = jax.nn.sigmoid(mixes * scale[0] + base) + hc_eps
-    return jnp.einsum("...j,...jd->...d", w, x.astype(jnp.float32)).astype(x.dtype)
+    return round_to(jnp.einsum("...j,...jd->...d", w, x.astype(jnp.float32)), x.dtype)

@@ -18,7 +18,7 @@ from v4jax.params import Quantized, normal, param
 
 def matmul_t(x, w, out_dtype):
     """x: [..., in], w: [out, in] -> [..., out]; float32 accumulation as the reference GEMMs."""
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+    return quant.round_to(jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32), out_dtype)
 
 
 def kernel(owner: nnx.Module, dtype):

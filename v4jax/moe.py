@@ -150,12 +150,13 @@ def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
     if act_quant:
         xs = quant.fake_quant_fp8(xs, quant.FP8_BLOCK)
     # The reference's expert GEMMs return the activation dtype; the SwiGLU then runs in float32.
-    h = clamped_swiglu(mm1(xs).astype(dtype), mm3(xs).astype(dtype), limit)
+    # Explicit roundings: XLA may otherwise fuse a bf16 round trip away (see quant.round_to).
+    h = clamped_swiglu(quant.round_to(mm1(xs), dtype), quant.round_to(mm3(xs), dtype), limit)
     # The routing weight scales h before the down projection, as in the reference.
-    h = (h * rw[..., None]).astype(dtype)
+    h = quant.round_to(h * rw[..., None], dtype)
     if act_quant:
         h = quant.fake_quant_fp8(h, quant.FP8_BLOCK)
-    return mm2(h).astype(dtype).astype(jnp.float32)
+    return quant.round_to(mm2(h), dtype).astype(jnp.float32)
 
 
 def _ragged_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
@@ -202,19 +203,19 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     # Tiles past the last expert's are all padding; they take the last expert's matrices.
     tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * t, side="right"), n_experts - 1)
 
-    def tiles(chunk):
-        xs_c, rw_c, expert_c = chunk  # [C, t, dim], [C, t], [C]
+    def tile(one):
+        xs_t, rw_t, expert_t = one  # [t, dim], [t], []
 
         def mm(w):
-            wt = take_experts(w, expert_c, x.dtype)  # [C, out, in]
-            return lambda a: jnp.einsum("tri,toi->tro", a, wt, preferred_element_type=jnp.float32)
+            wt = take_experts(w, expert_t, x.dtype)  # [out, in]
+            return lambda a: jnp.einsum("ri,oi->ro", a, wt, preferred_element_type=jnp.float32)
 
-        return _ffn(xs_c, rw_c, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
+        return _ffn(xs_t, rw_t, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
 
-    # Tiles run in chunks, so the gathered expert matrices live for one chunk at a time: at most
-    # TILE_WEIGHT_BYTES of them, however many tiles a long prefill has.
+    # Tiles run batched in chunks (lax.map), so the gathered expert matrices live for one chunk
+    # at a time: at most TILE_WEIGHT_BYTES of them, however many tiles a long prefill has.
     per_tile = 3 * math.prod(_matrix_shape(w1)) * jnp.dtype(x.dtype).itemsize
-    y = jax.lax.map(tiles, (xs, rw, tile_expert), batch_size=max(1, min(n_tiles, TILE_WEIGHT_BYTES // per_tile)))
+    y = jax.lax.map(tile, (xs, rw, tile_expert), batch_size=max(1, min(n_tiles, TILE_WEIGHT_BYTES // per_tile)))
     y = y.reshape(rows, -1)
     back = jnp.take(y, slot, axis=0, mode="fill", fill_value=0.0)  # [n*k, dim]; foreign rows 0
     return back.reshape(n, k, -1).sum(axis=1)
@@ -289,7 +290,9 @@ class SharedExpert(nnx.Module):
         self.w3 = Linear(d, f, cfg, rngs, ("mlp", "embed"), fp8=True)
 
     def __call__(self, x):
-        h = clamped_swiglu(self.w1(x), self.w3(x), self.limit)  # GEMM outputs in the activation dtype, as the reference
+        # GEMM outputs rounded to the activation dtype, as the reference's; the SwiGLU in float32.
+        h = clamped_swiglu(quant.round_to(self.w1(x, jnp.float32), x.dtype),
+                           quant.round_to(self.w3(x, jnp.float32), x.dtype), self.limit)
         return self.w2(h.astype(x.dtype))
 
 

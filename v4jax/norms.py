@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.params import param
+from v4jax.quant import round_to
 
 
 def rms_normalize(x, eps: float):
@@ -17,7 +18,7 @@ def rms_normalize(x, eps: float):
 
 def rms_norm(x, weight, eps: float):
     """RMSNorm_w(x) = w * x / RMS(x); float32 math with the weight upcast, output in x's dtype."""
-    return (rms_normalize(x, eps) * weight.astype(jnp.float32)).astype(x.dtype)
+    return round_to(rms_normalize(x, eps) * weight.astype(jnp.float32), x.dtype)
 
 
 class RMSNorm(nnx.Module):
