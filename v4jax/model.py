@@ -130,6 +130,19 @@ class Transformer(nnx.Module):
         """A decode state sized exactly for one whole-sequence forward (see v4jax.cache.init_cache)."""
         return init_cache(self.cfg, batch, seq)
 
+    def streams(self, input_ids, state: dict, lengths, in_place: bool = True):
+        """The blocks over a chunk (see forward) -> (final streams [batch, T, n_hc, dim] before hc_head,
+        the state with the chunk added). Speculative decoding runs the MTP block on them itself."""
+        cfg = self.cfg
+        b, t_len = input_ids.shape
+        h = constrain(self.embed.weight[...][input_ids], ("batch", "seq", "act_embed"))
+        x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
+        new_layers = []
+        for stack, seg_cache in zip(self.layers, state["layers"]):
+            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, state["pos"], lengths, cfg.remat, in_place)
+            new_layers.append(seg_cache)
+        return x, {**state, "pos": state["pos"] + lengths, "layers": new_layers}
+
     def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False):
         """Run a chunk of tokens.
 
@@ -140,7 +153,6 @@ class Transformer(nnx.Module):
         streams at t and embed(token t+1); the last position has no next token and
         uses token id 0 there (its MTP logits are not meaningful).
         """
-        cfg = self.cfg
         b, t_len = input_ids.shape
         # A given state is updated in place; a fresh one (training, scoring) is scanned layer by layer.
         in_place = state is not None
@@ -148,15 +160,8 @@ class Transformer(nnx.Module):
         lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         start = state["pos"]
         embed = self.embed.weight[...]
-        h = constrain(embed[input_ids], ("batch", "seq", "act_embed"))
-        x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
-
-        new_layers = []
-        for stack, seg_cache in zip(self.layers, state["layers"]):
-            x, seg_cache = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat, in_place)
-            new_layers.append(seg_cache)
-        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, cfg)
-        new_state = {**state, "pos": start + lengths, "layers": new_layers}
+        x, new_state = self.streams(input_ids, state, lengths, in_place)
+        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, self.cfg)
 
         mtp_logits = None
         if mtp:
