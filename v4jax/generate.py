@@ -38,7 +38,7 @@ from v4jax.errors import CheckpointError, ConfigError, DataError
 from v4jax.placement import cache_shardings
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
 from v4jax.sharding import fetch, use_rules
-from v4jax.speculative import make_verify_step, may_draft
+from v4jax.speculative import make_verify_step, may_draft, verify_step
 from v4jax.tokens import bucket, check_token_ids
 
 
@@ -151,6 +151,7 @@ class Generator:
         self._graphdef, self._params = nnx.split(model)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
+        self._row_step = jax.jit(self._row_fn, donate_argnums=(1,))
         self._clear = jax.jit(clear_rows, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ programs
@@ -163,6 +164,25 @@ class Generator:
         tokens = sample(last, keys, controls.temperature, controls.top_k, controls.top_p)
         return tokens, last, state
 
+    def _row_fn(self, params, state, row, ids, lengths, drafted, follow, q, controls: Controls):
+        """One slot's step on its own: row (a scalar) of the state, ids [1, T] -> as verify_step, with
+        the full q and state (the row's parts written back in place)."""
+        def take(a, axis):
+            return jax.lax.dynamic_slice_in_dim(a, row, 1, axis)
+
+        sub = jax.tree.map(take, state, _batch_axes(state))
+        one = Controls(*(take(c, 0) for c in controls))
+        if self.speculative:
+            token, accepted, draft, q_row, sub = verify_step(nnx.merge(self._graphdef, params), sub, ids, lengths,
+                                                            drafted, follow, take(q, 0), one)
+            q = jax.lax.dynamic_update_slice_in_dim(q, q_row, row, 0)
+        else:
+            token, _, sub = self._step_fn(params, sub, ids, lengths, one)
+            accepted, draft = jnp.zeros_like(drafted), token
+        state = jax.tree.map(lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis), state, sub,
+                             _batch_axes(state))
+        return token, accepted, draft, q, state
+
     def _call(self, fn, *args):
         if self.mesh is None:
             return fn(*args)
@@ -174,7 +194,7 @@ class Generator:
 
     def compiled_shapes(self) -> int:
         """How many step programs have been compiled (one per distinct chunk width)."""
-        return self._step._cache_size() + self._verify._cache_size()
+        return self._step._cache_size() + self._verify._cache_size() + self._row_step._cache_size()
 
     # ------------------------------------------------------------------ state and inputs
     def new_state(self) -> dict:
@@ -316,13 +336,27 @@ class Generator:
         return Controls(keys, *_settings([s.request.sampling if s is not None else Sampling() for s in slots]))
 
     def _advance(self, slots, state, q, controls: Controls, on_token, stats):
-        """One step for every slot: a prompt chunk, or the pending token (and its draft)."""
+        """Prompt chunks and decode steps for the slots. While some slots decode, a prompt chunk runs
+        on its own row (a batch-1 program: it costs its own tokens, not batch x width), then the
+        decoding slots take a step; slots that start together (nothing decodes yet) share steps. On a
+        mesh every step shares the batch (a batch of one would not split over the data axes)."""
+        live = np.array([s is not None for s in slots])
+        pre = np.array([s is not None and s.fed < len(s.request.prompt) for s in slots])
+        if self.mesh is None and pre.any() and (live & ~pre).any():
+            row = int(np.flatnonzero(pre)[0])
+            state, q = self._step_rows(slots, np.arange(self.batch_size) == row, state, q, controls, on_token,
+                                       stats, row)
+            return self._step_rows(slots, live & ~pre, state, q, controls, on_token, stats)
+        return self._step_rows(slots, live, state, q, controls, on_token, stats)
+
+    def _step_rows(self, slots, rows, state, q, controls: Controls, on_token, stats, row: int | None = None):
+        """One step for the slots in rows [batch] bool: a prompt chunk, or the pending token (and its
+        draft); row: run that one slot alone in a batch-1 program."""
         n = np.zeros(self.batch_size, np.int32)
         prefilling = np.zeros(self.batch_size, bool)
         drafted = np.zeros(self.batch_size, bool)
-        for b, s in enumerate(slots):
-            if s is None:
-                continue
+        for b in np.flatnonzero(rows):
+            s = slots[b]
             prompt = s.request.prompt
             if s.fed < len(prompt):
                 prefilling[b], n[b] = True, min(len(prompt) - s.fed, self.prefill_chunk)
@@ -332,9 +366,8 @@ class Generator:
         width = bucket(int(n.max()), self.min_bucket) if prefilling.any() else 1 + self.speculative
         ids = np.zeros((self.batch_size, width), np.int32)
         follow = np.full(self.batch_size, -1, np.int32)
-        for b, s in enumerate(slots):
-            if s is None:
-                continue
+        for b in np.flatnonzero(rows):
+            s = slots[b]
             if prefilling[b]:
                 prompt = s.request.prompt
                 ids[b, :n[b]] = prompt[s.fed:s.fed + n[b]]
@@ -345,7 +378,12 @@ class Generator:
 
         compiled = self.compiled_shapes()
         t0 = time.perf_counter()
-        if self.speculative:
+        if row is not None:
+            one = slice(row, row + 1)
+            token, accepted, draft, q, state = self._call(self._row_step, self._params, state, row, ids[one], n[one],
+                                                          drafted[one], follow[one], q, controls)
+            token, accepted, draft = (np.repeat(fetch(a), self.batch_size) for a in (token, accepted, draft))
+        elif self.speculative:
             token, accepted, draft, q, state = self.verify(state, ids, n, drafted, follow, q, controls)
         else:
             token, _, state = self._run(state, ids, n, controls)
@@ -353,9 +391,8 @@ class Generator:
         seconds = time.perf_counter() - t0
 
         drawn = 0
-        for b, s in enumerate(slots):
-            if s is None:
-                continue
+        for b in np.flatnonzero(rows):
+            s = slots[b]
             s.fed += int(n[b]) - int(drafted[b] and not accepted[b])  # a rejected draft is not kept
             if prefilling[b] and s.fed < len(s.request.prompt):
                 continue
@@ -378,6 +415,14 @@ class Generator:
                 stats.decode_tokens += drawn
                 stats.decode_steps += 1
         return state, q
+
+
+def _batch_axes(state: dict) -> dict:
+    """The batch axis of every array of a decode state (stacked layer caches: after the layer axis)."""
+    axes = {"pos": 0, "layers": [[{k: 1 for k in unit} for unit in seg] for seg in state["layers"]]}
+    if "mtp" in state:
+        axes["mtp"] = {k: 0 for k in state["mtp"]}
+    return axes
 
 
 def _settings(rows: Sequence[Sampling]):
