@@ -10,7 +10,7 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
-from v4jax.generate import Generator
+from v4jax.generate import Generator, Request
 from v4jax.model import Transformer
 from v4jax.sampling import Sampling, filter_logits, sample, sequence_keys, token_keys
 
@@ -151,7 +151,35 @@ def test_generation_stops_at_max_len_and_rejects_prompts_that_do_not_fit(gen):
         gen.generate([list(range(65))], max_new_tokens=1)
     with pytest.raises(ValueError, match="prompt 1 has 0 tokens"):
         gen.generate([[1], []], max_new_tokens=1)
-    assert gen.compiled_shapes() == 2  # width 16 (every prefill chunk) and width 1 (decode)
+    # width 16 for the first chunks of both, 16 for row 0's later chunks on its own (batch-1 program), 1 (decode)
+    assert gen.compiled_shapes() == 3
+
+
+def test_continuous_batching_gives_each_request_what_it_gets_alone(gen):
+    """Five requests through two slots: prompts of 3 to 40 tokens (up to three prefill chunks, fed while
+    the other slot decodes), budgets of 3 to 20 tokens, one sampled, one with its own stop token. Each
+    completion is that request's generated alone; short ones come back first; no program per request."""
+    greedy = Sampling(temperature=0)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(2, 512, n))) for n in (20, 3, 40, 7, 33)]
+    budgets = [12, 3, 20, 5, 9]
+    alone = [gen.generate([p], n, greedy).sequences[0] for p, n in zip(prompts, budgets)]
+    hot = Sampling(temperature=1.0, top_k=30)
+    alone[3] = gen.generate([prompts[3]], budgets[3], hot, seed=5).sequences[0]
+    stop = alone[4].tokens[4]
+    requests = [Request(p, n, greedy) for p, n in zip(prompts, budgets)]
+    requests[3] = Request(prompts[3], budgets[3], hot, seed=5)
+    requests[4] = Request(prompts[4], budgets[4], greedy, frozenset([stop]))
+    order, got = [], {}
+    for i, completion in gen.serve(iter(requests)):
+        order.append(i)
+        got[i] = completion
+    assert order != sorted(order) and order[0] == 1  # the 3-token request finishes first
+    for i in range(4):
+        assert got[i].tokens == alone[i].tokens and got[i].finish_reason == "length"
+    cut = alone[4].tokens.index(stop)
+    assert got[4].tokens == alone[4].tokens[:cut] and got[4].finish_reason == "stop"
+    assert gen.compiled_shapes() == 3  # shared first chunks, one slot's chunks alone, decode: width 16, 16, 1
 
 
 def test_prompts_are_checked_before_any_step_runs(model):
@@ -194,6 +222,17 @@ def test_cli_generate_completes_a_batch_of_text_and_raw_ids(word_ckpt, capsys):
     assert lines[0].startswith("[0] w") and len(lines[0].split()) == 7
     assert lines[1] == lines[0].replace("[0]", "[1]")  # the text encodes to the same ids
     assert "tokens/s" in err and "bytes/token" in err
+
+    # speculative, both prompts through one slot, as JSON: the same greedy completions
+    cli.main(["generate", "--ckpt", str(word_ckpt), "--ids", "5,9,200", "--prompt", "w5 w9 w200", "--max-new-tokens", "6",
+              "--temperature", "0", "--speculative", "mtp", "--batch-size", "1", "--json"])
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert rows[0]["text"] == lines[0].removeprefix("[0] ") and rows[0]["tokens"] == [int(w[1:]) for w in
+                                                                                      rows[0]["text"].split()]
+    assert rows[0]["finish_reason"] == "length" and 0 <= rows[0]["accepted"] <= rows[0]["drafted"] <= 6
+    assert "MTP drafts accepted" in err
 
 
 def test_text_stream_holds_back_unfinished_utf8():

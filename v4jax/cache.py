@@ -197,3 +197,16 @@ def cache_bytes(state: dict) -> int:
 def cache_bytes_per_token(cfg: ModelConfig, max_len: int, quantized: bool = False) -> float:
     """Bytes per token of one sequence's decode state for max_len tokens (from shapes; nothing is allocated)."""
     return cache_bytes(jax.eval_shape(lambda: init_cache(cfg, 1, max_len, quantized))) / max_len
+
+
+def clear_rows(state: dict, rows) -> dict:
+    """The state with sequences rows [batch] bool emptied as init_cache makes them (a batch slot reused)."""
+    def clear(name: str, a, axis: int):
+        mask = rows.reshape((1,) * axis + (-1,) + (1,) * (a.ndim - axis - 1))
+        return jnp.where(mask, jnp.asarray(EMPTY_SCORE if name.endswith("score_state") else 0, a.dtype), a)
+
+    out = {"pos": clear("pos", state["pos"], 0),
+           "layers": [[{k: clear(k, v, 1) for k, v in unit.items()} for unit in seg] for seg in state["layers"]]}
+    if "mtp" in state:
+        out["mtp"] = {k: clear(k, v, 0) for k, v in state["mtp"].items()}
+    return out

@@ -1,15 +1,22 @@
-"""Batched generation: bucketed chunked prefill, one-token decode steps, sampling (spec §2.8).
+"""Generation: continuous batching over fixed slots, chunked prefill, plain or speculative decode (spec §2.8).
 
-A `Generator` compiles one step program per token-chunk width and reuses it for
-every request: prompts are fed in chunks of at most `prefill_chunk` tokens padded
-to a power-of-two bucket, decode feeds one token per sequence. Every call passes
-per-sequence lengths, so prompts of different lengths share a batch, a sequence
-whose prompt has been consumed or whose generation has finished gets length 0
-(its cache is left untouched), and nothing recompiles per step or per prompt length.
+A `Generator` owns `batch_size` slots and compiles one step program per token-chunk
+width. Requests wait in a queue; a slot whose sequence finished takes the next one
+at once, its state rows are cleared and its prompt is fed in chunks of at most
+`prefill_chunk` tokens inside the steps that decode the other slots (one step, one
+program: per-row lengths say what each slot feeds, 0 leaves a slot untouched).
+Results come back as each request finishes. Widths are 1 (2 with speculation) for
+steps that only decode and a power-of-two bucket for steps with prompt tokens, so
+nothing recompiles per step, per prompt length or per request.
+
+With speculative=True every decoding slot also verifies one token drafted by the
+MTP block (v4jax.speculative): greedy output is plain greedy's, sampled output
+follows the same distribution.
 
     gen = Generator(model, batch_size=4, max_len=2048)
     out = gen.generate([[0, 5, 9], [0, 7]], max_new_tokens=32, sampling=Sampling(0.7, top_p=0.9), seed=0)
     out.sequences[0].tokens
+    for i, completion in gen.serve(Request(p, 64) for p in prompts): ...
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.cache import init_cache
-from v4jax.errors import CheckpointError, DataError
-from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
+from v4jax.cache import clear_rows, init_cache
+from v4jax.errors import CheckpointError, ConfigError, DataError
 from v4jax.placement import cache_shardings
+from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
 from v4jax.sharding import fetch, use_rules
+from v4jax.speculative import make_verify_step, may_draft, verify_step
 from v4jax.tokens import bucket, check_token_ids
 
 
@@ -43,19 +51,35 @@ class Controls(NamedTuple):
     top_p: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to complete. Its sampling keys come from (seed, key_index) only, so it draws the
+    same tokens in any slot, next to any other requests."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    stop_tokens: frozenset[int] = frozenset()
+    seed: int = 0
+    key_index: int = 0
+
+
 @dataclasses.dataclass
 class Completion:
     tokens: list[int]  # generated tokens; a stop token that ended the sequence is not included
     finish_reason: str  # "stop" (a stop token was drawn) or "length" (max_new_tokens or max_len reached)
+    drafted: int = 0  # verify steps with an MTP draft (speculative decoding)
+    accepted: int = 0  # of those drafts, how many were kept
 
 
 @dataclasses.dataclass
 class Generation:
     sequences: list[Completion]
     prompt_tokens: int
-    prefill_seconds: float  # includes compiling each prefill width on first use
-    decode_seconds: float  # decode steps after each batch's first one (which may compile)
-    decode_tokens: int  # tokens those steps drew, one per active sequence per step
+    prefill_seconds: float = 0.0  # steps that fed prompt tokens (decode rows ride along), compiles included
+    decode_seconds: float = 0.0  # steps that only decoded, except those that compiled
+    decode_tokens: int = 0  # tokens those steps drew
+    decode_steps: int = 0  # how many such steps
 
     @property
     def new_tokens(self) -> int:
@@ -64,6 +88,41 @@ class Generation:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Fraction of MTP drafts kept (0 without speculation)."""
+        drafted = sum(s.drafted for s in self.sequences)
+        return sum(s.accepted for s in self.sequences) / drafted if drafted else 0.0
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A request in a batch slot: what was fed, what was drawn, the token to feed next."""
+
+    index: int
+    request: Request
+    key: jax.Array
+    budget: int
+    fed: int = 0
+    pending: int = 0  # drawn, not yet fed
+    draft: int = 0  # MTP draft for the position after pending
+    out: list = dataclasses.field(default_factory=list)
+    reason: str = "length"
+    done: bool = False
+    drafted: int = 0
+    accepted: int = 0
+
+    def emit(self, token: int, on_token) -> None:
+        if self.done:
+            return
+        if token in self.request.stop_tokens:
+            self.reason, self.done = "stop", True
+            return
+        self.out.append(token)
+        if on_token is not None:
+            on_token(self.index, token)
+        self.done = len(self.out) >= self.budget
 
 
 class Generator:
@@ -75,18 +134,25 @@ class Generator:
     """
 
     def __init__(self, model, *, batch_size: int = 1, max_len: int = 4096, prefill_chunk: int = 512,
-                 min_bucket: int = 16, quantized_cache: bool = False, mesh=None, rules="inference"):
+                 min_bucket: int = 16, quantized_cache: bool = False, mesh=None, rules="inference",
+                 speculative: bool = False):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
         if prefill_chunk < min_bucket or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two >= min_bucket ({min_bucket}), got {prefill_chunk}")
+        if speculative and not model.cfg.num_nextn_predict_layers:
+            raise ConfigError("speculative decoding drafts with the MTP block; num_nextn_predict_layers is 0")
         self.cfg = model.cfg
         self.batch_size, self.max_len = batch_size, max_len
         self.prefill_chunk, self.min_bucket = prefill_chunk, min_bucket
         self.quantized_cache = quantized_cache
         self.mesh, self.rules = mesh, rules
+        self.speculative = speculative
         self._graphdef, self._params = nnx.split(model)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
+        self._row_step = jax.jit(self._row_fn, donate_argnums=(1,))
+        self._clear = jax.jit(clear_rows, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ programs
     def _step_fn(self, params, state, ids, lengths, controls: Controls):
@@ -98,15 +164,37 @@ class Generator:
         tokens = sample(last, keys, controls.temperature, controls.top_k, controls.top_p)
         return tokens, last, state
 
-    def _run(self, state, ids: np.ndarray, lengths: np.ndarray, controls: Controls):
+    def _row_fn(self, params, state, row, ids, lengths, drafted, follow, q, controls: Controls):
+        """One slot's step on its own: row (a scalar) of the state, ids [1, T] -> as verify_step, with
+        the full q and state (the row's parts written back in place)."""
+        def take(a, axis):
+            return jax.lax.dynamic_slice_in_dim(a, row, 1, axis)
+
+        sub = jax.tree.map(take, state, _batch_axes(state))
+        one = Controls(*(take(c, 0) for c in controls))
+        if self.speculative:
+            token, accepted, draft, q_row, sub = verify_step(nnx.merge(self._graphdef, params), sub, ids, lengths,
+                                                            drafted, follow, take(q, 0), one)
+            q = jax.lax.dynamic_update_slice_in_dim(q, q_row, row, 0)
+        else:
+            token, _, sub = self._step_fn(params, sub, ids, lengths, one)
+            accepted, draft = jnp.zeros_like(drafted), token
+        state = jax.tree.map(lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis), state, sub,
+                             _batch_axes(state))
+        return token, accepted, draft, q, state
+
+    def _call(self, fn, *args):
         if self.mesh is None:
-            return self._step(self._params, state, ids, lengths, controls)
+            return fn(*args)
         with use_rules(self.mesh, self.rules):
-            return self._step(self._params, state, ids, lengths, controls)
+            return fn(*args)
+
+    def _run(self, state, ids: np.ndarray, lengths: np.ndarray, controls: Controls):
+        return self._call(self._step, self._params, state, ids, lengths, controls)
 
     def compiled_shapes(self) -> int:
         """How many step programs have been compiled (one per distinct chunk width)."""
-        return self._step._cache_size()
+        return self._step._cache_size() + self._verify._cache_size() + self._row_step._cache_size()
 
     # ------------------------------------------------------------------ state and inputs
     def new_state(self) -> dict:
@@ -130,9 +218,7 @@ class Generator:
         if len(rows) != self.batch_size:
             raise ValueError(f"{len(rows)} sampling settings for a batch of {self.batch_size}")
         return Controls(sequence_keys(seed, np.arange(first_index, first_index + self.batch_size)),
-                        jnp.asarray([s.temperature for s in rows], jnp.float32),
-                        jnp.asarray([s.top_k for s in rows], jnp.int32),
-                        jnp.asarray([s.top_p for s in rows], jnp.float32))
+                        *_settings(rows))
 
     # ------------------------------------------------------------------ steps
     def prefill(self, state, tokens: Sequence[Sequence[int]], controls: Controls):
@@ -168,58 +254,181 @@ class Generator:
         drawn, logits, state = self._run(state, ids, np.asarray(active, np.int32), controls)
         return fetch(drawn), logits, state
 
+    def verify(self, state, ids: np.ndarray, lengths: np.ndarray, drafted: np.ndarray, follow: np.ndarray, q,
+               controls: Controls):
+        """One speculative step (v4jax.speculative.verify_step) -> (token, accepted, next draft [batch] on
+        the host, next draft probs [batch, vocab] on device, state)."""
+        token, accepted, draft, q, state = self._call(self._verify, self._params, state, ids, lengths, drafted,
+                                                      follow, q, controls)
+        return fetch(token), fetch(accepted), fetch(draft), q, state
+
     # ------------------------------------------------------------------ whole requests
+    def check(self, prompt: Sequence[int], where: str) -> None:
+        """A prompt the generator can take: 1 .. max_len tokens inside the vocabulary."""
+        if not 0 < len(prompt) <= self.max_len:
+            raise DataError(f"{where} has {len(prompt)} tokens; need 1 .. max_len = {self.max_len}")
+        check_token_ids(prompt, self.cfg.vocab_size, where)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=Sampling(), seed: int = 0,
                  stop_tokens: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None) -> Generation:
-        """Complete every prompt (batch_size at a time); on_token(request index, token) streams tokens.
-        Every prompt is checked (length, token ids) before any is run."""
+        """Complete every prompt (continuously batched); on_token(request index, token) streams tokens.
+        Every prompt is checked (length, token ids) before any is run. sampling: one setting, or one per prompt."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         for i, p in enumerate(prompts):
-            if not 0 < len(p) <= self.max_len:
-                raise DataError(f"prompt {i} has {len(p)} tokens; need 1 .. max_len = {self.max_len}")
-            check_token_ids(p, self.cfg.vocab_size, f"prompt {i}")
-        result = Generation([], sum(len(p) for p in prompts), 0.0, 0.0, 0)
-        for first in range(0, len(prompts), self.batch_size):
-            self._generate_batch(result, prompts[first:first + self.batch_size], first, max_new_tokens, sampling,
-                                 seed, frozenset(stop_tokens), on_token)
+            self.check(p, f"prompt {i}")
+        settings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
+        stop = frozenset(stop_tokens)
+        requests = [Request(list(p), max_new_tokens, s, stop, seed, i) for i, (p, s) in enumerate(zip(prompts, settings))]
+        result = Generation([None] * len(prompts), sum(len(p) for p in prompts))
+        for i, completion in self.serve(requests, on_token, result):
+            result.sequences[i] = completion
         return result
 
-    def _generate_batch(self, result: Generation, prompts, first, max_new_tokens, sampling, seed, stop, on_token):
-        n = len(prompts)
-        rows = [list(p) for p in prompts] + [[]] * (self.batch_size - n)
-        controls = self.controls(sampling, seed, first)
-        # the last generated token is never fed back, so a sequence may end at max_len + 1 tokens
-        budget = [min(max_new_tokens, self.max_len + 1 - len(p)) for p in prompts]
-        out: list[list[int]] = [[] for _ in range(n)]
-        reason = ["length"] * n  # unless a stop token comes first
-        active = np.zeros(self.batch_size, bool)
-        active[:n] = np.array(budget) > 0
-
-        t0 = time.perf_counter()
-        tokens, _, state = self.prefill(self.new_state(), rows, controls)
-        result.prefill_seconds += time.perf_counter() - t0
-        steps = 0
+    def serve(self, requests: Iterable[Request], on_token: Callable[[int, int], None] | None = None,
+              stats: Generation | None = None) -> Iterator[tuple[int, Completion]]:
+        """Run requests through the slots, yielding (request's position in `requests`, its completion)
+        as each finishes. Requests are taken as slots free up, so `requests` may be a lazy queue.
+        stats (optional) accumulates the step timings."""
+        queue = enumerate(requests)
+        slots: list[_Slot | None] = [None] * self.batch_size
+        state = self.new_state()
+        q = jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32)  # draft probs, speculative only
+        controls, exhausted = None, False
         while True:
-            for b in np.flatnonzero(active):
-                tok = int(tokens[b])
-                if tok in stop:
-                    reason[b], active[b] = "stop", False
-                    continue
-                out[b].append(tok)
-                if on_token is not None:
-                    on_token(first + b, tok)
-                active[b] = len(out[b]) < budget[b]
-            if not active.any():
-                break
-            if steps == 1:  # time from the end of the first step on
-                t0 = time.perf_counter()
-            tokens, _, state = self.decode(state, tokens, active, controls)
-            steps += 1
-            result.decode_tokens += int(active.sum()) if steps > 1 else 0
-        if steps > 1:
-            result.decode_seconds += time.perf_counter() - t0
-        result.sequences += [Completion(o, r) for o, r in zip(out, reason)]
+            cleared = np.zeros(self.batch_size, bool)
+            for b in range(self.batch_size):
+                while slots[b] is None and not exhausted:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    slot = self._admit(*nxt)
+                    if slot.budget == 0:
+                        yield slot.index, Completion([], "length")
+                        continue
+                    slots[b], cleared[b], controls = slot, True, None
+            if all(s is None for s in slots):
+                return
+            if cleared.any():
+                state = self._call(self._clear, state, cleared)
+            if controls is None:
+                controls = self._slot_controls(slots)
+            state, q = self._advance(slots, state, q, controls, on_token, stats)
+            for b, slot in enumerate(slots):
+                if slot is not None and slot.done:
+                    slots[b] = None
+                    yield slot.index, Completion(slot.out, slot.reason, slot.drafted, slot.accepted)
+
+    def _admit(self, index: int, request: Request) -> _Slot:
+        if request.max_new_tokens < 0:
+            raise ValueError(f"request {index}: max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        self.check(request.prompt, f"request {index}")
+        # the last generated token is never fed back, so a sequence may end at max_len + 1 tokens
+        budget = min(request.max_new_tokens, self.max_len + 1 - len(request.prompt))
+        return _Slot(index, request, sequence_keys(request.seed, [request.key_index])[0], budget)
+
+    def _slot_controls(self, slots) -> Controls:
+        filler = sequence_keys(0, [0])[0]
+        keys = jnp.stack([s.key if s is not None else filler for s in slots])
+        return Controls(keys, *_settings([s.request.sampling if s is not None else Sampling() for s in slots]))
+
+    def _advance(self, slots, state, q, controls: Controls, on_token, stats):
+        """Prompt chunks and decode steps for the slots. While some slots decode, a prompt chunk runs
+        on its own row (a batch-1 program: it costs its own tokens, not batch x width), then the
+        decoding slots take a step; slots that start together (nothing decodes yet) share steps. On a
+        mesh every step shares the batch (a batch of one would not split over the data axes)."""
+        live = np.array([s is not None for s in slots])
+        pre = np.array([s is not None and s.fed < len(s.request.prompt) for s in slots])
+        if self.mesh is None and pre.any() and (live & ~pre).any():
+            row = int(np.flatnonzero(pre)[0])
+            state, q = self._step_rows(slots, np.arange(self.batch_size) == row, state, q, controls, on_token,
+                                       stats, row)
+            return self._step_rows(slots, live & ~pre, state, q, controls, on_token, stats)
+        return self._step_rows(slots, live, state, q, controls, on_token, stats)
+
+    def _step_rows(self, slots, rows, state, q, controls: Controls, on_token, stats, row: int | None = None):
+        """One step for the slots in rows [batch] bool: a prompt chunk, or the pending token (and its
+        draft); row: run that one slot alone in a batch-1 program."""
+        n = np.zeros(self.batch_size, np.int32)
+        prefilling = np.zeros(self.batch_size, bool)
+        drafted = np.zeros(self.batch_size, bool)
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            prompt = s.request.prompt
+            if s.fed < len(prompt):
+                prefilling[b], n[b] = True, min(len(prompt) - s.fed, self.prefill_chunk)
+            else:
+                drafted[b] = self.speculative and may_draft(self.cfg, s.fed, self.max_len)
+                n[b] = 1 + drafted[b]
+        width = bucket(int(n.max()), self.min_bucket) if prefilling.any() else 1 + self.speculative
+        ids = np.zeros((self.batch_size, width), np.int32)
+        follow = np.full(self.batch_size, -1, np.int32)
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            if prefilling[b]:
+                prompt = s.request.prompt
+                ids[b, :n[b]] = prompt[s.fed:s.fed + n[b]]
+                if s.fed + n[b] < len(prompt):
+                    follow[b] = prompt[s.fed + n[b]]
+            else:
+                ids[b, :n[b]] = [s.pending, s.draft][:n[b]]
+
+        compiled = self.compiled_shapes()
+        t0 = time.perf_counter()
+        if row is not None:
+            one = slice(row, row + 1)
+            token, accepted, draft, q, state = self._call(self._row_step, self._params, state, row, ids[one], n[one],
+                                                          drafted[one], follow[one], q, controls)
+            token, accepted, draft = (np.repeat(fetch(a), self.batch_size) for a in (token, accepted, draft))
+        elif self.speculative:
+            token, accepted, draft, q, state = self.verify(state, ids, n, drafted, follow, q, controls)
+        else:
+            token, _, state = self._run(state, ids, n, controls)
+            token, accepted, draft = fetch(token), np.zeros(self.batch_size, bool), None
+        seconds = time.perf_counter() - t0
+
+        drawn = 0
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            s.fed += int(n[b]) - int(drafted[b] and not accepted[b])  # a rejected draft is not kept
+            if prefilling[b] and s.fed < len(s.request.prompt):
+                continue
+            before = len(s.out)
+            if drafted[b]:
+                s.drafted += 1
+                if accepted[b]:
+                    s.accepted += 1
+                    s.emit(int(s.draft), on_token)
+            s.emit(int(token[b]), on_token)
+            drawn += len(s.out) - before
+            s.pending = int(token[b])
+            if self.speculative:
+                s.draft = int(draft[b])
+        if stats is not None:
+            if prefilling.any():
+                stats.prefill_seconds += seconds
+            elif self.compiled_shapes() == compiled:
+                stats.decode_seconds += seconds
+                stats.decode_tokens += drawn
+                stats.decode_steps += 1
+        return state, q
+
+
+def _batch_axes(state: dict) -> dict:
+    """The batch axis of every array of a decode state (stacked layer caches: after the layer axis)."""
+    axes = {"pos": 0, "layers": [[{k: 1 for k in unit} for unit in seg] for seg in state["layers"]]}
+    if "mtp" in state:
+        axes["mtp"] = {k: 0 for k in state["mtp"]}
+    return axes
+
+
+def _settings(rows: Sequence[Sampling]):
+    return (jnp.asarray([s.temperature for s in rows], jnp.float32),
+            jnp.asarray([s.top_k for s in rows], jnp.int32),
+            jnp.asarray([s.top_p for s in rows], jnp.float32))
 
 
 @jax.jit

@@ -140,6 +140,23 @@ class Transformer(nnx.Module):
         """A decode state sized exactly for one whole-sequence forward (see v4jax.cache.init_cache)."""
         return init_cache(self.cfg, batch, seq)
 
+    def streams(self, input_ids, state: dict, lengths, in_place: bool = True, valid=None):
+        """The blocks over a chunk (see forward) -> (final streams [batch, T, n_hc, dim] before hc_head,
+        the state with the chunk added, and with `valid` the blocks' routing statistics per segment).
+        Speculative decoding runs the MTP block on the streams itself."""
+        cfg = self.cfg
+        b, t_len = input_ids.shape
+        h = constrain(self.embed.weight[...][input_ids], ("batch", "seq", "act_embed"))
+        x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
+        new_layers, stats = [], []
+        for stack, seg_cache in zip(self.layers, state["layers"]):
+            x, seg_cache, *seg_stats = run_segment(stack, x, input_ids, seg_cache, state["pos"], lengths, cfg.remat,
+                                                   in_place, valid)
+            new_layers.append(seg_cache)
+            stats.extend(seg_stats)
+        new_state = {**state, "pos": state["pos"] + lengths, "layers": new_layers}
+        return (x, new_state) if valid is None else (x, new_state, stats)
+
     def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False,
                 routing: bool = False):
         """Run a chunk of tokens.
@@ -155,7 +172,6 @@ class Transformer(nnx.Module):
         statistics of every MoE layer: {"layers": per segment, per block of its unit,
         {"counts": [reps, E], "balance": [reps]}; "mtp": the MTP block's, or None}.
         """
-        cfg = self.cfg
         b, t_len = input_ids.shape
         # A given state is updated in place; a fresh one (training, scoring) is scanned layer by layer.
         in_place = state is not None
@@ -163,20 +179,12 @@ class Transformer(nnx.Module):
         lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         start = state["pos"]
         embed = self.embed.weight[...]
-        h = constrain(embed[input_ids], ("batch", "seq", "act_embed"))
-        x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
-
         if routing and in_place:
             raise ValueError("routing statistics are for whole-sequence forwards (state=None)")
         valid = (jnp.arange(t_len)[None, :] < lengths[:, None]).astype(jnp.float32) if routing else None
-        new_layers, stats = [], []
-        for stack, seg_cache in zip(self.layers, state["layers"]):
-            x, seg_cache, *seg_stats = run_segment(stack, x, input_ids, seg_cache, start, lengths, cfg.remat,
-                                                   in_place, valid)
-            new_layers.append(seg_cache)
-            stats.extend(seg_stats)
-        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, cfg)
-        new_state = {**state, "pos": start + lengths, "layers": new_layers}
+        x, new_state, *stats = self.streams(input_ids, state, lengths, in_place, valid)
+        stats = stats[0] if stats else None
+        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, self.cfg)
 
         mtp_logits, mtp_stats = None, None
         if mtp:

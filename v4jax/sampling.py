@@ -36,7 +36,12 @@ def filter_logits(logits, top_k, top_p):
 
     logits: [batch, vocab] float32; top_k: [batch] int (0: all); top_p: [batch] float.
     Returns logits with -inf outside the kept set (ties with the last kept value are kept too).
+    The sort is skipped when no row filters (its result would be the logits unchanged).
     """
+    return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), _filter, lambda lg, *_: lg, logits, top_k, top_p)
+
+
+def _filter(logits, top_k, top_p):
     vocab = logits.shape[-1]
     desc = -jnp.sort(-logits, axis=-1)  # [batch, vocab], largest first
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -67,3 +72,20 @@ def sequence_keys(seed: int, ids) -> jax.Array:
 def token_keys(keys, positions) -> jax.Array:
     """keys: [batch] sequence keys, positions: [batch] position of the token being drawn -> [batch] keys."""
     return jax.vmap(jax.random.fold_in)(keys, positions)
+
+
+def token_probs(logits, temperature, top_k, top_p):
+    """The distribution `sample` draws from: logits [batch, vocab] float32, settings [batch] -> probs [batch, vocab].
+
+    Greedy rows (temperature 0) get the one-hot of the argmax, so drawing from it
+    (`draw`) is the argmax exactly, as in `sample`.
+    """
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    soft = jax.nn.softmax(filter_logits(logits / t, top_k, top_p), axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return jnp.where((temperature > 0)[:, None], soft, hard)
+
+
+def draw(probs, keys):
+    """probs: [batch, vocab] (need not sum to 1; zeros are never drawn), keys: [batch] -> tokens [batch] int32."""
+    return jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)

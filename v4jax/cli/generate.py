@@ -7,6 +7,7 @@ tokenizer, every prompt's token ids and length, the mesh.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +33,9 @@ from v4jax.errors import DataError
 def add(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete prompts (batched), streaming tokens",
                        description="Prefill and decode with compressed KV caches. One prompt streams its "
-                                   "completion; several run as one batch. Stops at the checkpoint's eos token.")
+                                   "completion; several share --batch-size slots (continuous batching: a "
+                                   "finished sequence's slot takes the next prompt). Stops at the "
+                                   "checkpoint's eos token.")
     p.add_argument("--ckpt", required=True, type=existing_dir, help="published or converted checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--ids", action="append", default=[], type=token_id_list,
@@ -45,6 +48,11 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--bf16-cache", action="store_true", help="keep KV in the model dtype, not the FP8 layout")
     p.add_argument("--mesh", help='e.g. "data=2,expert=4" (default: one device)')
     add_model_options(p)
+    p.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: every prompt)")
+    p.add_argument("--speculative", choices=["mtp"],
+                   help="mtp: the MTP block drafts a token that each step verifies (same output distribution)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt: tokens, text, finish_reason, drafted, accepted")
     p.set_defaults(run=run)
     return p
 
@@ -78,9 +86,12 @@ def run(args: argparse.Namespace) -> None:
         if limit is not None and len(ids) > limit:
             raise DataError(f"{where}: {len(ids)} tokens; the checkpoint's max_position_embeddings is {limit}")
     prompts = [ids for _, ids in named]
+    if args.speculative and not cfg.num_nextn_predict_layers:
+        raise UsageError(f"--speculative mtp: {args.ckpt} has no MTP block (num_nextn_predict_layers is 0)")
     stop_tokens = stop_tokens_of(args.ckpt)
     mesh = mesh_of(args.mesh)
-    check_batch(mesh, "inference", len(prompts), f"a batch of {len(prompts)} prompts")
+    slots = min(args.batch_size or len(prompts), len(prompts))
+    check_batch(mesh, "inference", slots, f"a batch of {slots} sequences")
 
     model, _ = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim)  # the Generator applies the rules itself
     # room for every new token, up to the checkpoint's position limit (then a sequence stops: "length")
@@ -88,25 +99,27 @@ def run(args: argparse.Namespace) -> None:
     max_len = min(max_len, limit) if limit is not None else max_len
     print_generation(model, prompts, tokenizer=tokenizer, max_len=max_len, prefill_chunk=min(512, bucket(max_len)),
                      max_new_tokens=args.max_new_tokens, sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                     seed=args.seed, stop_tokens=stop_tokens, quantized_cache=not args.bf16_cache, mesh=mesh)
+                     seed=args.seed, stop_tokens=stop_tokens, quantized_cache=not args.bf16_cache, mesh=mesh,
+                     batch_size=slots, speculative=args.speculative == "mtp", as_json=args.json)
 
 
 def print_generation(model, prompts: Sequence[Sequence[int]], *, tokenizer, max_len: int, prefill_chunk: int,
                      max_new_tokens: int, sampling, seed: int, stop_tokens: Sequence[int], quantized_cache: bool,
-                     mesh) -> None:
+                     mesh, batch_size: int | None = None, speculative: bool = False, as_json: bool = False) -> None:
     """One prompt streams its text (or token ids) as tokens come, a batch prints every completion at
-    the end; throughput and KV-cache size go to stderr."""
+    the end (as_json: one JSON object per prompt); throughput and KV-cache size go to stderr."""
     from v4jax.cache import cache_bytes_per_token
     from v4jax.generate import Generator, TextStream
 
-    gen = Generator(model, batch_size=len(prompts), max_len=max_len, prefill_chunk=prefill_chunk,
-                    quantized_cache=quantized_cache, mesh=mesh)
+    gen = Generator(model, batch_size=batch_size or len(prompts), max_len=max_len, prefill_chunk=prefill_chunk,
+                    quantized_cache=quantized_cache, mesh=mesh, speculative=speculative)
 
     def render(tokens: Sequence[int]) -> str:
         return tokenizer.decode(list(tokens)) if tokenizer else " ".join(map(str, tokens))
 
     on_token = None
-    if len(prompts) == 1:
+    streaming = len(prompts) == 1 and not as_json
+    if streaming:
         stream = TextStream(tokenizer) if tokenizer else None
 
         def on_token(_: int, token: int) -> None:
@@ -114,8 +127,13 @@ def print_generation(model, prompts: Sequence[Sequence[int]], *, tokenizer, max_
             sys.stdout.flush()
 
     result = gen.generate(prompts, max_new_tokens, sampling, seed, stop_tokens, on_token)
-    if len(prompts) == 1:
+    if streaming:
         print()
+    elif as_json:
+        for seq in result.sequences:
+            row = {"tokens": seq.tokens, **({"text": tokenizer.decode(seq.tokens)} if tokenizer else {}),
+                   "finish_reason": seq.finish_reason, "drafted": seq.drafted, "accepted": seq.accepted}
+            print(json.dumps(row))
     else:
         for i, seq in enumerate(result.sequences):
             print(f"[{i}] {render(seq.tokens)}")
@@ -123,4 +141,5 @@ def print_generation(model, prompts: Sequence[Sequence[int]], *, tokenizer, max_
     layout = "FP8" if quantized_cache else model.cfg.dtype
     print(f"{result.prompt_tokens} prompt tokens, prefill {result.prefill_seconds:.2f} s (compile included); "
           f"{result.new_tokens} new tokens, decode {result.decode_tokens_per_second:.1f} tokens/s at batch "
-          f"{len(prompts)}; KV cache {per_token:.0f} bytes/token ({layout} layout)", file=sys.stderr)
+          f"{gen.batch_size}; KV cache {per_token:.0f} bytes/token ({layout} layout)"
+          + (f"; MTP drafts accepted {result.acceptance:.0%}" if speculative else ""), file=sys.stderr)
