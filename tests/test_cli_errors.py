@@ -148,7 +148,7 @@ def test_generate_checks_ids_prompts_tokenizer_and_mesh_before_loading(word_ckpt
     assert fails(capsys, [*g, "--ids", "1", "--mesh", "dta=2"], 2).startswith(
         "v4jax generate: mesh spec 'dta=2': unknown axis 'dta'")
     assert fails(capsys, [*g, "--ids", "1", "--mesh", "data=2,expert=4"], 2) == (
-        "v4jax generate: a batch of 1 prompts: dim 0 ('batch') of size 1 does not divide by mesh axes ('data',) "
+        "v4jax generate: a batch of 1 sequences: dim 0 ('batch') of size 1 does not divide by mesh axes ('data',) "
         "of size 2 (shape (1,))")
     assert fails(capsys, [*g, "--prompt", "w5 \udcff"], 2) == "v4jax generate: --prompt 'w5 \\udcff': not valid UTF-8"
     err = fails(capsys, ["generate", "--ckpt", str(no_tokenizer), "--prompt", "w5 w9"], 1)
@@ -160,7 +160,7 @@ def test_a_folder_that_is_no_checkpoint_is_named(tmp_path, capsys, no_model):
     assert err == (f"v4jax generate: {tmp_path}: not a checkpoint folder (neither a published one with "
                    "model.safetensors.index.json nor a converted v4jax one)")
     err = fails(capsys, ["export", str(tmp_path), str(tmp_path / "out")], 1)
-    assert err.startswith(f"v4jax export: {tmp_path}: not a converted v4jax checkpoint")
+    assert err.startswith(f"v4jax export: {tmp_path}: not a checkpoint folder")
     assert not any(tmp_path.iterdir())
 
 

@@ -38,6 +38,7 @@ def direct_logprobs(model, tokens):
     return np.array([logp[t - 1, tokens[t]] for t in range(1, len(tokens))]), logits
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_direct_sum_over_continuation(model):
     rng = np.random.default_rng(0)
     requests = [(rng.integers(0, 512, n).tolist(), rng.integers(0, 512, k).tolist()) for n, k in [(5, 3), (20, 1), (9, 7)]]

@@ -212,6 +212,7 @@ def test_stop_tokens_come_from_generation_config_then_config_and_bad_files_are_n
 
 
 # ---------------------------------------------------------------------------- command line and demo
+@pytest.mark.slow
 def test_cli_generate_completes_a_batch_of_text_and_raw_ids(word_ckpt, capsys):
     from v4jax import cli
 

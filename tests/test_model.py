@@ -120,6 +120,7 @@ def test_kept_quantised_weights_give_the_dequantised_models_logits(ids):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_bf16_policy_stays_within_bf16_round_off_of_fp32(ids):
     """Expert and indexer selection are discontinuous, so they are made total here (all experts,
     top-k over every entry); what remains is pure bf16 storage round-off (~1% after 6 layers)."""

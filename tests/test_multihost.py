@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 N_PROCESSES, LOCAL_DEVICES = 2, 4
 MESH, RULES = "data=2,expert=4", "inference"
@@ -34,6 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_logits(tmp_path):
     import jax
     import jax.numpy as jnp
@@ -86,6 +88,7 @@ def launch(port: int, argv: list[str]) -> list[str]:
     return [out for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_distributed_launch_converts_and_generates_like_one_process(word_ckpt, tmp_path, capsys):
     """Every process reads only its devices' windows and saves its shards into one Orbax folder;
     generation then fetches the batch-split tokens across processes; only process 0 prints."""

@@ -161,6 +161,7 @@ def assert_same_cache(got, want, where):
     np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5 * np.abs(want[real]).max(), err_msg=where)
 
 
+@pytest.mark.slow
 def test_verify_steps_give_plain_greedy_tokens_and_leave_the_plain_state(spec, plain, model, prompts, reference):
     """Speculative steps keep plain greedy's tokens, and leave every array of the state (window rings,
     compressor carries, compressed entries, indexer keys) as plain decoding of the same tokens does;

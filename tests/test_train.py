@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from v4jax import train
@@ -12,6 +13,7 @@ from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig
 
 
+@pytest.mark.slow
 def test_train_steps_reduce_loss_touch_only_params_and_resume_exactly(tmp_path):
     cfg = ModelConfig.from_json("configs/tiny.json", dtype="float32", quant_sim=False, remat=True)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
