@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 import oracle
+from test_model import oracle_params
 from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.generate import Generator
@@ -78,20 +79,6 @@ def design(flat: dict, rng) -> dict:
     out[p + "indexer.compressor.wkv.weight"] = wkv
     out[p + "indexer.compressor.norm.weight"] = np.ones_like(out[p + "indexer.compressor.norm.weight"])
     return {n: jnp.asarray(v, flat[n].dtype) for n, v in out.items()}
-
-
-def oracle_params(model):
-    out = {}
-    for name, v in weights.to_flat(model).items():
-        v = np.asarray(v)
-        if ".ffn.experts." in name:
-            prefix, proj = name.split(".ffn.experts.")
-            out.update({f"{prefix}.ffn.experts.{e}.{proj}": v[e].astype(np.float64) for e in range(v.shape[0])})
-        elif name.endswith("wo_a.weight"):
-            out[name] = v.reshape(-1, v.shape[-1]).astype(np.float64)
-        else:
-            out[name] = v if v.dtype.kind == "i" else v.astype(np.float64)
-    return out
 
 
 def per_position(a, b):
