@@ -141,8 +141,8 @@ def scale_by_v4_muon(momentum: float = 0.95, rms: float = 0.18) -> optax.Gradien
     return optax.GradientTransformation(init, update)
 
 
-def make_transform(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
-    """The optax transformation for these parameters (a pytree of arrays, e.g. an nnx.State)."""
+def make_transform(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """The optax transformation of `cfg`; the rule of each leaf comes from its dotted name."""
     lr = schedule(cfg)
     adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
                         nesterov=False)
@@ -152,7 +152,8 @@ def make_transform(cfg: OptimizerConfig, params) -> optax.GradientTransformation
         muon = optax.chain(scale_by_v4_muon(cfg.muon_momentum, cfg.muon_rms),
                            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                            optax.scale_by_learning_rate(lr))
-        body = optax.partition({"adamw": adamw, "muon": muon}, param_labels(params, cfg.name))
+        # Labels from the tree optax is handed (nnx.Optimizer passes plain arrays, not Variables).
+        body = optax.partition({"adamw": adamw, "muon": muon}, lambda tree: param_labels(tree, cfg.name))
     if cfg.clip_norm is None:
         return body
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), body)

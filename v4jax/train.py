@@ -71,7 +71,7 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Op
     """The optimiser of `config` (v4jax.optim) over the nnx.Param leaves. The moments take their
     parameters' shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so
     the scalar step count is on the mesh too."""
-    return nnx.Optimizer(model, make_transform(config, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    return nnx.Optimizer(model, make_transform(config), wrt=nnx.Param)
 
 
 @nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate"))
