@@ -190,6 +190,7 @@ def test_verify_steps_give_plain_greedy_tokens_and_leave_the_plain_state(spec, p
         np.testing.assert_allclose(got[b], ring[b], rtol=0, atol=2e-5 * np.abs(ring[b]).max())
 
 
+@pytest.mark.slow
 def test_speculative_generation_is_plain_greedy_and_compiles_once_per_width(spec, prompts, reference):
     out = spec.generate(prompts, max_new_tokens=NEW, sampling=Sampling(temperature=0))
     for b, seq in enumerate(out.sequences):
