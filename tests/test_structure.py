@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("sharding mechanism", {"v4jax.sharding", "v4jax.sharding.mesh", "v4jax.sharding.rules",
                             "v4jax.sharding.experts", "v4jax.sharding.kv", "v4jax.sharding.placement"}),
     # The indexer's top-k is the sequence-split one of the mechanism, so it sits above it.
-    ("model", {"v4jax.indexer", "v4jax.attention", "v4jax.moe", "v4jax.cache", "v4jax.model"}),
+    ("model", {"v4jax.indexer", "v4jax.attention", "v4jax.moe", "v4jax.cache", "v4jax.model", "v4jax.lora",
+               "v4jax.indexer_loss"}),
     ("model on a mesh", {"v4jax.placement", "v4jax.memory_plan"}),
     ("checkpoints and loading", {"v4jax.checkpoint"}),
     ("runtime", {"v4jax.tokens", "v4jax.sampling", "v4jax.speculative", "v4jax.generate", "v4jax.optim",
