@@ -1,5 +1,6 @@
 """Packed rows (segment ids): every document's logits and MTP logits are those of the document run alone."""
 
+import functools
 import json
 
 import jax.numpy as jnp
@@ -23,11 +24,17 @@ ORDERS = ((0, 1, 2), (2, 0, 1))
 ROW = sum(-(-n // 128) * 128 for n in DOCS)  # 768
 
 
-@pytest.fixture(scope="module")
-def model():
+@functools.cache
+def tiny_model() -> Transformer:
+    """The fp32 model of RAW, built once per session (test_indexer_loss uses it too)."""
     model = Transformer(ModelConfig.from_dict(RAW, dtype="float32", quant_sim=False), rngs=nnx.Rngs(0))
     randomize(model)
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
