@@ -139,6 +139,7 @@ def test_sparse_loss_gives_the_main_model_no_gradient(layer):
     assert all(g == 0 for k, g in flat.items() if k not in indexer), {k: g for k, g in flat.items() if k not in indexer}
 
 
+@pytest.mark.slow
 def test_dense_warmup_trains_the_indexer_only(layer):
     model_params = flat_abs_max(nnx.state(tiny_model(), nnx.Param))
     assert set(flat_abs_max(nnx.state(tiny_model(), indexer_params))) == {k for k in model_params if ".indexer." in k}
