@@ -47,7 +47,8 @@ def numpy_layer(P, tokens):
                             cfg["hc_eps"], eps, cfg["hc_sinkhorn_iters"])
     x = oracle.rms_norm(y, P[pre + "attn_norm.weight"], eps)
     pre += "attn."
-    S, H, d, dr, W = len(tokens), cfg["num_attention_heads"], cfg["head_dim"], cfg["qk_rope_head_dim"], cfg["sliding_window"]
+    S, H, d = len(tokens), cfg["num_attention_heads"], cfg["head_dim"]
+    dr, W = cfg["qk_rope_head_dim"], cfg["sliding_window"]
     inv, pos = oracle.layer_inv_freq(cfg, 4), np.arange(S)
     q_lat = oracle.rms_norm(x @ P[pre + "wq_a.weight"].T, P[pre + "q_norm.weight"], eps)
     q = oracle.rms_norm((q_lat @ P[pre + "wq_b.weight"].T).reshape(S, H, d), None, eps)
