@@ -9,6 +9,7 @@ from flax import nnx
 import oracle
 from test_model import oracle_params
 from test_packing import RAW, tiny_model
+from v4jax import train
 from v4jax.attention import Attention
 from v4jax.cache import layer_cache
 from v4jax.config import LayerKind, ModelConfig
@@ -149,3 +150,21 @@ def test_dense_warmup_trains_the_indexer_only(layer):
     flat = flat_abs_max(grads)
     assert set(flat) == {k for k in flat_abs_max(nnx.state(attn, nnx.Param)) if k.startswith("indexer.")}
     assert len(flat) == 6 and all(g > 0 for g in flat.values()), flat
+
+
+@pytest.mark.slow
+def test_lm_loss_adds_the_weighted_indexer_loss_over_real_tokens(model, ids):
+    seg = np.ones_like(ids)
+    seg[:, 80:] = 0  # padding: no indexer loss there
+    step = nnx.jit(lambda m, ids, seg, mode: train.lm_loss(m, ids, jnp.ones(ids.shape), segment_ids=seg,
+                                                           indexer_loss=mode, indexer_weight=0.5)[:2],
+                   static_argnames="mode")
+    off, (off_metrics, _) = step(model, jnp.asarray(ids), jnp.asarray(seg), "off")
+    on, (metrics, routing) = step(model, jnp.asarray(ids), jnp.asarray(seg), "sparse")
+    sides = nnx.jit(lambda m, ids, seg: m.forward(ids, segment_ids=seg, indexer_kl="sparse")[3]["indexer"])(
+        model, jnp.asarray(ids), jnp.asarray(seg))
+    want = indexer_kl_loss(sides, jnp.asarray(seg != 0))
+    assert "indexer_loss" not in off_metrics and "indexer" not in routing
+    np.testing.assert_allclose(float(metrics["indexer_loss"]), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(on), float(off) + 0.5 * float(want), rtol=1e-6)
+    assert float(want) != float(indexer_kl_loss(sides, jnp.ones(ids.shape)))  # the padding was left out
