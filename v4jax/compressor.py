@@ -10,6 +10,11 @@ prefill from any position and single-token decode: the tokens of a chunk are lai
 next to the carried projections of the groups the chunk continues ("ext" layout,
 whole groups starting one group before the chunk's first group), complete groups
 are pooled, and the projections of the last two groups become the new carry.
+
+Packed rows (whole sequences holding several documents, each starting at a multiple
+of the ratio) keep the row's groups, which are then the documents' own: an entry is
+RoPE'd at its group's position inside the document, and the overlap of a group that
+opens a document drops the previous group's slots, as for group 0 (training spec §8).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from v4jax.rope import apply_rope
 EMPTY_SCORE = -1e30
 
 
-def pool_groups(a, z, ratio: int, overlap: bool):
+def pool_groups(a, z, ratio: int, overlap: bool, opens=None):
     """Per-channel softmax pooling of whole groups.
 
     a, z: [batch, K * ratio, kappa * c] float32 (K consecutive groups, ext layout).
     Returns [batch, K - 1, c]: entries of groups 1..K-1 (group 0 only feeds the
-    overlap's A half).
+    overlap's A half). opens: [batch, K - 1] bool, entries whose group opens a
+    document: their overlap has no previous-group slots.
     """
     b, n, width = a.shape
     groups = n // ratio
@@ -43,9 +49,12 @@ def pool_groups(a, z, ratio: int, overlap: bool):
     z = z.reshape(b, groups, ratio, width)
     if overlap:
         c = width // 2
+        prev_z = z[:, :-1, :, :c]
+        if opens is not None:
+            prev_z = jnp.where(opens[:, :, None, None], EMPTY_SCORE, prev_z)
         # [batch, K-1, 2*ratio, c]: previous group's A half, then own group's B half.
         a = jnp.concatenate([a[:, :-1, :, :c], a[:, 1:, :, c:]], axis=2)
-        z = jnp.concatenate([z[:, :-1, :, :c], z[:, 1:, :, c:]], axis=2)
+        z = jnp.concatenate([prev_z, z[:, 1:, :, c:]], axis=2)
     else:
         a, z = a[:, 1:], z[:, 1:]
     return jnp.sum(jax.nn.softmax(z, axis=2) * a, axis=2)
@@ -94,12 +103,13 @@ class Compressor(nnx.Module):
         self.ape = param(normal(rngs, (ratio, width), 0.02, jnp.float32), (None, "kv"))
         self.norm = RMSNorm(c, cfg.rms_norm_eps, cfg.dtype, ("kv",))
 
-    def __call__(self, x, start, lengths, carry_kv, carry_score, inv_freq):
+    def __call__(self, x, start, lengths, carry_kv, carry_score, inv_freq, doc_positions=None):
         """x: [batch, T, dim] (the attention input), start/lengths: [batch].
 
         Returns entries [batch, K-1, c] (normalised, RoPE'd at their group's first
         position, x's dtype), their entry index [batch, K-1] (out of range where the
-        group is not complete) and the new carries.
+        group is not complete) and the new carries. doc_positions: [batch, T] positions
+        inside the documents of a packed row (whole sequences: start 0), or None.
         """
         positions = start[:, None] + jnp.arange(x.shape[1])
         x32 = x.astype(jnp.float32)  # the reference runs both projections in float32
@@ -107,9 +117,14 @@ class Compressor(nnx.Module):
         z = matmul_t(x32, self.wgate.kernel(jnp.float32), jnp.float32) + self.ape[...][positions % self.ratio]
         ext_a = ext_layout(a, carry_kv, start, lengths, self.ratio, self.overlap, 0.0)
         ext_z = ext_layout(z, carry_score, start, lengths, self.ratio, self.overlap, EMPTY_SCORE)
-        pooled = quant.round_to(pool_groups(ext_a, ext_z, self.ratio, self.overlap), x.dtype)
-        group = start[:, None] // self.ratio + jnp.arange(pooled.shape[1])  # [batch, K-1]
-        entries = apply_rope(self.norm(pooled), group * self.ratio, inv_freq)
+        n_pooled = ext_a.shape[1] // self.ratio - 1
+        group = start[:, None] // self.ratio + jnp.arange(n_pooled)  # [batch, K-1]
+        rope_pos, opens = group * self.ratio, None
+        if doc_positions is not None:
+            rope_pos = jnp.take_along_axis(doc_positions, jnp.minimum(rope_pos, x.shape[1] - 1), axis=1)
+            opens = rope_pos == 0
+        pooled = quant.round_to(pool_groups(ext_a, ext_z, self.ratio, self.overlap, opens), x.dtype)
+        entries = apply_rope(self.norm(pooled), rope_pos, inv_freq)
         complete = (group + 1) * self.ratio <= (start + lengths)[:, None]
         return (entries, jnp.where(complete, group, jnp.iinfo(jnp.int32).max),
                 next_carry(ext_a, start, lengths, self.ratio, self.overlap),

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.attention import Attention
+from v4jax.attention import Attention, Documents, check_document_starts, document_layout, packing_multiple
 from v4jax.cache import init_cache
 from v4jax.config import LayerKind, ModelConfig
 from v4jax.hyper_connections import hc_head, hc_post, hc_pre
@@ -43,21 +43,24 @@ class Block(nnx.Module):
                       getattr(self, f"hc_{side}_scale")[...], iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
                       norm_eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, token_ids, cache: dict, start, lengths, layer=None, valid=None):
-        """x: [batch, T, n_hc, dim] -> (same, updated cache); `layer` indexes a stacked cache (see Attention).
+    def __call__(self, x, token_ids, cache: dict, start, lengths, layer=None, valid=None,
+                 docs: Documents | None = None, indexer_kl: str | None = None):
+        """x: [batch, T, n_hc, dim] -> (same, updated cache, side outputs); `layer` indexes a stacked
+        cache, `docs` and `indexer_kl` are as for Attention.
 
-        With `valid` ([batch, T], 1 for real tokens) also the MoE's routing statistics (see MoE).
+        Side outputs: {"routing": the MoE's routing statistics (see MoE)} with `valid` ([batch, T],
+        1 for real tokens), {"indexer": the attention's indexer-loss inputs} with indexer_kl on a CSA layer.
         """
         y, post, comb = self._hc("attn", x)
-        a, cache = self.attn(self.attn_norm(y), cache, start, lengths, layer)
+        a, cache, attn_side = self.attn(self.attn_norm(y), cache, start, lengths, layer, docs, indexer_kl)
+        side = {"indexer": attn_side} if attn_side else {}
         x = hc_post(a, x, post, comb)
         y, post, comb = self._hc("ffn", x)
         if valid is None:
-            f, stats = self.ffn(self.ffn_norm(y), token_ids), None
+            f = self.ffn(self.ffn_norm(y), token_ids)
         else:
-            f, stats = self.ffn(self.ffn_norm(y), token_ids, valid)
-        x = constrain(hc_post(f, x, post, comb), ("batch", "seq", None, "act_embed"))
-        return (x, cache) if valid is None else (x, cache, stats)
+            f, side["routing"] = self.ffn(self.ffn_norm(y), token_ids, valid)
+        return constrain(hc_post(f, x, post, comb), ("batch", "seq", None, "act_embed")), cache, side
 
 
 def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs) -> Block:
@@ -100,14 +103,16 @@ class MTPBlock(Block):
         self.norm = RMSNorm(dim, cfg.rms_norm_eps, cfg.dtype, ("embed",))
         init_hc_head(self, cfg, rngs)
 
-    def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths, valid=None):
+    def predict(self, streams, next_embed, next_ids, head_weight, cache, start, lengths, valid=None,
+                docs: Documents | None = None):
         """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1).
 
         Returns (logits, cache), and the routing statistics as a third item when `valid` is given.
         """
         x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
-        x, cache, *stats = self(x, next_ids, cache, start, lengths, valid=valid)
-        return collapse_and_project(self, self.norm, head_weight, x, self.cfg), cache, *stats
+        x, cache, side = self(x, next_ids, cache, start, lengths, valid=valid, docs=docs)
+        logits = collapse_and_project(self, self.norm, head_weight, x, self.cfg)
+        return (logits, cache) if valid is None else (logits, cache, side["routing"])
 
 
 class Table(nnx.Module):
@@ -140,25 +145,27 @@ class Transformer(nnx.Module):
         """A decode state sized exactly for one whole-sequence forward (see v4jax.cache.init_cache)."""
         return init_cache(self.cfg, batch, seq)
 
-    def streams(self, input_ids, state: dict, lengths, in_place: bool = True, valid=None):
+    def streams(self, input_ids, state: dict, lengths, in_place: bool = True, valid=None,
+                docs: Documents | None = None, indexer_kl: str | None = None):
         """The blocks over a chunk (see forward) -> (final streams [batch, T, n_hc, dim] before hc_head,
-        the state with the chunk added, and with `valid` the blocks' routing statistics per segment).
+        the state with the chunk added). With `valid` or `indexer_kl` (in_place=False only) a third item:
+        per segment, per block of its unit, the block's side outputs stacked over the repetitions.
         Speculative decoding runs the MTP block on the streams itself."""
         cfg = self.cfg
         b, t_len = input_ids.shape
         h = constrain(self.embed.weight[...][input_ids], ("batch", "seq", "act_embed"))
         x = jnp.broadcast_to(h[:, :, None, :], (b, t_len, cfg.hc_mult, cfg.hidden_size))
-        new_layers, stats = [], []
+        new_layers, sides = [], []
         for stack, seg_cache in zip(self.layers, state["layers"]):
-            x, seg_cache, *seg_stats = run_segment(stack, x, input_ids, seg_cache, state["pos"], lengths, cfg.remat,
-                                                   in_place, valid)
+            x, seg_cache, seg_sides = run_segment(stack, x, input_ids, seg_cache, state["pos"], lengths, cfg.remat,
+                                                  in_place, valid, docs, indexer_kl)
             new_layers.append(seg_cache)
-            stats.extend(seg_stats)
+            sides.append(seg_sides)
         new_state = {**state, "pos": state["pos"] + lengths, "layers": new_layers}
-        return (x, new_state) if valid is None else (x, new_state, stats)
+        return (x, new_state) if valid is None and indexer_kl is None else (x, new_state, sides)
 
     def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False,
-                routing: bool = False):
+                routing: bool = False, segment_ids=None, indexer_kl: str | None = None):
         """Run a chunk of tokens.
 
         input_ids: [batch, T]; state: decode state (None: a fresh one, i.e. a whole
@@ -168,69 +175,103 @@ class Transformer(nnx.Module):
         streams at t and embed(token t+1); the last position has no next token and
         uses token id 0 there (its MTP logits are not meaningful).
 
-        routing=True (training; whole sequences only) adds a fourth item, the routing
-        statistics of every MoE layer: {"layers": per segment, per block of its unit,
-        {"counts": [reps, E], "balance": [reps]}; "mtp": the MTP block's, or None}.
+        segment_ids ([batch, T] int, whole sequences only): documents packed in a row, 0 for
+        padding, one id per document (a document is a maximal run of one id). Every token sees
+        only its own document, positions (RoPE) restart at 0 in each, and each is compressed
+        on its own, so a document's logits and MTP logits are those of the document run alone
+        (its last position's MTP "next token" is the stand-in 0, as at a row's end). Documents
+        must start at multiples of `packing_multiple(cfg)` (128 for V4): a DataError when the
+        ids are concrete; under jit the caller's data pipeline must guarantee it
+        (attention.check_document_starts). Padding changes no other token's output.
+
+        routing=True (training; whole sequences only) adds a fourth item, the training side
+        outputs, with the routing statistics of every MoE layer (real tokens only: within
+        lengths, segment id not 0): {"layers": per segment, per block of its unit, {"counts":
+        [reps, E], "balance": [reps]}; "mtp": the MTP block's, or None}. indexer_kl "dense" or
+        "sparse" (whole sequences only) adds the fourth item too, with "indexer": per CSA layer
+        (segment by segment, each unit's blocks in order) the attention's indexer-loss inputs
+        [reps, batch, T, C] (see Attention._attend_blocks; v4jax.indexer_loss turns them into the losses).
         """
         b, t_len = input_ids.shape
         # A given state is updated in place; a fresh one (training, scoring) is scanned layer by layer.
         in_place = state is not None
+        if in_place and (routing or segment_ids is not None or indexer_kl is not None):
+            raise ValueError("routing, segment_ids and indexer_kl are for whole-sequence forwards (state=None)")
+        if indexer_kl not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer_kl must be None, 'dense' or 'sparse', got {indexer_kl!r}")
         state = self.fresh_state(b, t_len) if state is None else state
         lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         start = state["pos"]
         embed = self.embed.weight[...]
-        if routing and in_place:
-            raise ValueError("routing statistics are for whole-sequence forwards (state=None)")
-        valid = (jnp.arange(t_len)[None, :] < lengths[:, None]).astype(jnp.float32) if routing else None
-        x, new_state, *stats = self.streams(input_ids, state, lengths, in_place, valid)
-        stats = stats[0] if stats else None
+        real = jnp.arange(t_len)[None, :] < lengths[:, None]  # [batch, T]
+        has_next = jnp.arange(t_len)[None, :] < lengths[:, None] - 1
+        docs = None
+        if segment_ids is not None:
+            if not isinstance(segment_ids, jax.core.Tracer):
+                check_document_starts(segment_ids, packing_multiple(self.cfg))
+            segment_ids = jnp.asarray(segment_ids)
+            docs = document_layout(segment_ids)
+            real &= segment_ids != 0
+            has_next &= jnp.pad(docs.run[:, 1:] == docs.run[:, :-1], [(0, 0), (0, 1)])
+        valid = real.astype(jnp.float32) if routing else None
+        x, new_state, *sides = self.streams(input_ids, state, lengths, in_place, valid, docs, indexer_kl)
+        sides = sides[0] if sides else []
         logits = collapse_and_project(self, self.norm, self.head.weight[...], x, self.cfg)
 
         mtp_logits, mtp_stats = None, None
         if mtp:
             next_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
+            if docs is not None:  # the shift stays inside the document: its last token gets the stand-in too
+                next_ids = jnp.where(has_next, next_ids, 0)
             # The last position's "next token" is a stand-in: it routes, but is no real token.
-            mtp_valid = None if valid is None else valid * (jnp.arange(t_len)[None, :] < lengths[:, None] - 1)
+            mtp_valid = None if valid is None else valid * has_next
             mtp_logits, new_state["mtp"], *mtp_stats = self.mtp[0].predict(
-                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths, mtp_valid)
+                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths, mtp_valid, docs)
             mtp_stats = mtp_stats[0] if mtp_stats else None
+        if not (routing or indexer_kl):
+            return logits, mtp_logits, new_state
+        aux = {}
         if routing:
-            return logits, mtp_logits, new_state, {"layers": stats, "mtp": mtp_stats}
-        return logits, mtp_logits, new_state
+            aux.update(layers=[[side["routing"] for side in seg] for seg in sides], mtp=mtp_stats)
+        if indexer_kl:
+            aux["indexer"] = [side["indexer"] for seg in sides for side in seg if "indexer" in side]
+        return logits, mtp_logits, new_state, aux
 
 
 def run_segment(stack, x, token_ids, caches: list[dict], start, lengths, remat: bool, in_place: bool = False,
-                valid=None):
+                valid=None, docs: Documents | None = None, indexer_kl: str | None = None):
     """Scan one segment: each step runs the unit's blocks (one slice of every stacked parameter).
 
     in_place=False passes each layer its cache slice (scan xs -> ys), which rewrites
     every cache array. in_place=True carries the stacked caches and each layer writes
     its new rows into them, so a decode step costs O(new rows), not O(cache size).
-    With `valid` (in_place=False only) the blocks' routing statistics come out as a third
-    item, stacked over the segment's repetitions.
+    Returns (x, new caches, the unit's blocks' side outputs (see Block) stacked over the
+    segment's repetitions; empty dicts with in_place=True, where there are none).
     """
     graphdefs, params = zip(*(nnx.split(block) for block in stack))
 
     def run_unit(x, unit_params, unit_caches, layer):
-        new_caches, stats = [], []
+        new_caches, sides = [], []
         for graphdef, p, c in zip(graphdefs, unit_params, unit_caches):
-            x, c, *s = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths, layer, valid)
+            x, c, side = nnx.merge(graphdef, p)(x, token_ids, c, start, lengths, layer, valid, docs, indexer_kl)
             new_caches.append(c)
-            stats.extend(s)
-        return x, (new_caches, stats) if valid is not None else new_caches
+            sides.append(side)
+        return x, new_caches, sides
 
     if in_place:
         def body(carry, unit_params):
             x, unit_caches, layer = carry
-            return (*run_unit(x, unit_params, unit_caches, layer), layer + 1), None
+            x, unit_caches, _ = run_unit(x, unit_params, unit_caches, layer)
+            return (x, unit_caches, layer + 1), None
     else:
         def body(x, slices):
-            return run_unit(x, *slices, None)
+            x, new_caches, sides = run_unit(x, *slices, None)
+            return x, (new_caches, sides)
 
     if remat:
         body = jax.checkpoint(body)
     if in_place:
         (x, new_caches, _), _ = jax.lax.scan(body, (x, list(caches), jnp.int32(0)), list(params))
-        return x, new_caches
-    x, ys = jax.lax.scan(body, x, (list(params), caches))
-    return (x, *ys) if valid is not None else (x, ys)
+        return x, new_caches, [{} for _ in stack]
+    x, (new_caches, sides) = jax.lax.scan(body, x, (list(params), caches))
+    return x, new_caches, sides

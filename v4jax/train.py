@@ -23,20 +23,26 @@ from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context
 from v4jax.errors import CheckpointError, DataError
+from v4jax.indexer_loss import indexer_kl_loss
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
 
 
-def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0):
+def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, segment_ids=None,
+            indexer_loss: str = "off", indexer_weight: float = 0.0):
     """Mean next-token NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL, plus
-    balance_weight x the sequence-wise balance loss summed over the bias-routed MoE layers.
+    balance_weight x the sequence-wise balance loss summed over the bias-routed MoE layers, plus
+    (indexer_loss "dense" or "sparse") indexer_weight x the indexer KL (v4jax.indexer_loss) over
+    the real tokens; "dense" is the warm-up, to be differentiated for `indexer_params` only.
 
-    input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target.
+    input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target;
+    segment_ids: [batch, T] documents packed in the rows, 0 for padding (see Transformer.forward).
     Returns (loss, (metrics, routing)): metrics "nll", "mtp_nll", "balance_loss",
-    "max_expert_load" (max over layers of max / mean expert load); routing as
-    `Transformer.forward(..., routing=True)` gives it (for the router-bias update).
+    "max_expert_load" (max over layers of max / mean expert load), and "indexer_loss" when it is
+    on; routing as `Transformer.forward(..., routing=True)` gives it (for the router-bias update).
     """
-    logits, mtp_logits, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True)
+    logits, mtp_logits, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True, segment_ids=segment_ids,
+                                                   indexer_kl=None if indexer_loss == "off" else indexer_loss)
     mask = loss_mask[:, 1:].astype(jnp.float32)
     logp, _ = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     nll = -jnp.sum(logp * mask) / jnp.maximum(mask.sum(), 1.0)
@@ -52,6 +58,10 @@ def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight
         mtp_logp, _ = token_logprobs(mtp_logits[:, :-2], input_ids[:, 2:])
         metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(mtp_mask.sum(), 1.0)
         loss = loss + mtp_weight * metrics["mtp_nll"]
+    if indexer_loss != "off":
+        real = jnp.ones(input_ids.shape) if segment_ids is None else segment_ids != 0
+        metrics["indexer_loss"] = indexer_kl_loss(routing.pop("indexer"), real)
+        loss = loss + indexer_weight * metrics["indexer_loss"]
     return loss, (metrics, routing)
 
 
