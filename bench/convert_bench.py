@@ -80,15 +80,18 @@ def child(src: str, dst: str, mode: str) -> None:
     """One conversion (mode "dequantised" / "keep", "+unchecked" to stub out the non-finite checks
     and the checksums) or one `load_pretrained` of the converted folder `src` (mode "load") in
     this fresh process; prints seconds and RSS figures as JSON."""
+    import importlib
+
     import jax
     from flax import nnx
 
     from v4jax import load_pretrained
-    from v4jax.checkpoint import convert, converter, model_layout
+    from v4jax.checkpoint import convert, converter
 
     if mode.endswith("+unchecked"):
         mode = mode.removesuffix("+unchecked")
-        model_layout.check_finite = lambda *args: None
+        # The module itself: `from v4jax.checkpoint import model_layout` is the function of that name.
+        importlib.import_module("v4jax.checkpoint.model_layout").check_finite = lambda *args: None
         converter.checksum.start = lambda arrays: {name: [] for name in arrays}
 
     jax.devices()

@@ -4,6 +4,7 @@ output or staging folder left, an existing destination never replaced). Real-wor
 (relative paths, Hugging Face cache snapshots of symlinks) convert and export back byte for byte."""
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -14,16 +15,21 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v4jax.checkpoint import CheckpointError, convert, export, load_flat, model_layout, write_random_checkpoint
 from v4jax.checkpoint import converter
 from v4jax.checkpoint.reader import read_published
 from v4jax.checkpoint.staging import OWNER
+
+layout_module = importlib.import_module("v4jax.checkpoint.model_layout")  # the package exports a function of that name
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = "model.safetensors.index.json"
@@ -167,6 +173,39 @@ def test_export_of_a_model_with_a_nan_weight_is_refused(converted, tmp_path):
     refused(lambda: export(flat, tmp_path / "out" / "back", cfg=cfg, progress=False),
             r"flat dict: tensor layers\.3\.attn_norm\.weight holds a non-finite value \(NaN or Inf\) at \[17\]",
             converted, tmp_path / "out")
+
+
+FLOAT_TYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F8_E4M3": ml_dtypes.float8_e4m3fn}
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(sorted(FLOAT_TYPES)), shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([np.nan, np.inf, -np.inf])),
+                    max_size=3), chunk=st.integers(1, 40))
+def test_non_finite_scan_finds_the_first_bad_element_across_chunk_boundaries(dtype, shape, bad, chunk):
+    """The chunked bit test against numpy's own isfinite on the decoded values."""
+    values = np.random.default_rng(len(bad)).normal(0, 100, shape).astype(np.float32)
+    for where, value in bad:
+        values.reshape(-1)[int(where * values.size)] = value
+    array = values.astype(FLOAT_TYPES[dtype])
+    not_finite = ~np.isfinite(array.astype(np.float32))
+    want = [int(i) for i in np.argwhere(not_finite)[0]] if not_finite.any() else None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout_module, "_CHECK_ELEMENTS", chunk)
+        assert layout_module.first_non_finite(array, dtype) == want
+
+
+def test_non_finite_scan_of_a_large_tensor_needs_no_copy_of_it():
+    """Bounded host memory: checking a 64 MiB tensor allocates a few MiB of scratch, not a copy."""
+    array = np.zeros((4096, 8192), ml_dtypes.bfloat16)
+    array[4000, 17] = np.inf
+    tracemalloc.start()
+    try:
+        assert layout_module.first_non_finite(array, "BF16") == [4000, 17]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
 
 
 # ---------------------------------------------------------------------------- format
