@@ -1,6 +1,7 @@
 """Config loading: published files load unchanged; bad files name the offending key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,60 @@ def test_all_rotary_indexer_runs_and_matches_the_oracle():
     logits = model.forward(jnp.asarray(ids))[0]
     ref = oracle.forward(raw, oracle_params(model), ids)["logits"]
     assert rel_err(logits, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------- published bookkeeping keys
+def test_position_limit_and_special_token_ids_are_config_fields():
+    flash = ModelConfig.from_json("configs/flash.json")
+    assert (flash.max_position_embeddings, flash.bos_token_id, flash.eos_token_id) == (1048576, 0, 1)
+    several = ModelConfig.from_dict(_raw(eos_token_id=[1, 7], bos_token_id=None))
+    assert several.eos_token_ids == (1, 7) and several.bos_token_id is None
+    assert several.to_dict()["eos_token_id"] == [1, 7] and "bos_token_id" not in several.to_dict()
+    raw = _raw()
+    for key in ("max_position_embeddings", "bos_token_id", "eos_token_id"):
+        del raw[key]
+    bare = ModelConfig.from_dict(raw)
+    assert (bare.max_position_embeddings, bare.bos_token_id, bare.eos_token_ids) == (None, None, ())
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("eos_token_id", 512, r"must be a token id in \[0, 512\) \(the vocabulary\) or a non-empty list"),
+    ("eos_token_id", [1, 512], r"must be a token id in \[0, 512\)"),
+    ("eos_token_id", [], r"must be a token id .* or a non-empty list of them"),
+    ("eos_token_id", "1", r"must be a token id"),
+    ("bos_token_id", -1, r"must be a token id in \[0, 512\) \(the vocabulary\)"),
+    ("bos_token_id", True, r"must be a token id"),
+    ("max_position_embeddings", 0, "must be a positive integer"),
+    ("max_position_embeddings", "4096", "must be a positive integer"),
+    ("max_position_embeddings", 4096.0, "must be a positive integer"),
+])
+def test_bad_position_limit_or_token_id_names_the_key(key, value, why):
+    with pytest.raises(ConfigError, match=rf"cfg\.json: key '{key}' = .*: {why}"):
+        ModelConfig.from_dict(_raw(**{key: value}), source="cfg.json")
+    with pytest.raises(ConfigError, match=rf"key '{key}'"):  # a config built in Python too
+        ModelConfig.from_dict(_raw()).replace(**{key: tuple(value) if isinstance(value, list) else value})
+
+
+def test_random_checkpoint_config_carries_what_the_published_file_does(tmp_path):
+    from v4jax.checkpoint import write_random_checkpoint
+
+    raw = _raw(eos_token_id=[1, 5])
+    write_random_checkpoint(ModelConfig.from_dict(raw), tmp_path / "ckpt")
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for key in ("max_position_embeddings", "bos_token_id", "eos_token_id", "model_type", "architectures",
+                "torch_dtype", "vocab_size", "compress_ratios", "rope_scaling", "quantization_config"):
+        assert written[key] == raw[key], key
+
+
+@pytest.mark.slow
+def test_hugging_face_reads_the_config_v4jax_writes():
+    """HF transformers' AutoConfig (its DeepSeek-V4 port) takes the file `to_dict` writes."""
+    transformers = pytest.importorskip("transformers")
+    import tempfile
+
+    cfg = ModelConfig.from_dict(_raw())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
+        hf = transformers.AutoConfig.from_pretrained(tmp)
+    assert type(hf).__name__ == "DeepseekV4Config"
+    assert (hf.max_position_embeddings, hf.bos_token_id, hf.eos_token_id, hf.vocab_size) == (4096, 0, 1, 512)

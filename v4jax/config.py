@@ -34,9 +34,11 @@ class RopeScaling:
 # architecture supports.
 _IGNORED_KEYS = frozenset({
     "architectures", "model_type", "torch_dtype", "initializer_range", "use_cache",
-    "transformers_version", "bos_token_id", "eos_token_id", "attention_dropout",
-    "max_position_embeddings",
+    "transformers_version", "attention_dropout",
 })
+# What identifies the file to other tools (HF transformers' AutoConfig reads model_type); written
+# by `to_dict`, ignored on reading.
+_IDENTITY = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "torch_dtype": "bfloat16"}
 _PINNED_KEYS = {
     "num_key_value_heads": 1,  # single shared K = V head (MQA)
     "n_shared_experts": 1,
@@ -78,6 +80,10 @@ def _is_int(value: Any) -> bool:
     return type(value) is int  # not bool (an int subclass), not a float such as 4.0
 
 
+def _is_token(value: Any, vocab_size: int) -> bool:
+    return _is_int(value) and 0 <= value < vocab_size
+
+
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
@@ -116,6 +122,11 @@ class ModelConfig:
     expert_dtype: str = "fp4"
     # "ue8m0": block scales stored as F8_E8M0 bytes; None: stored as float32 values (Base).
     scale_fmt: str | None = "ue8m0"
+    # Published, not used by the math; None where a file gives none. The longest sequence the model
+    # is meant to run (Flash / Pro: 16 x 65536), and the special token ids (eos: one or several).
+    max_position_embeddings: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     # ---- runtime choices (not in config.json) ----
     dtype: str = "bfloat16"  # activations and dequantised weights at rest
@@ -173,8 +184,10 @@ class ModelConfig:
                 if not _is_number(value):
                     raise ConfigError(f"{source}: key {key!r} = {value!r}: must be a finite number")
                 fields[key] = value
-            elif key == "expert_dtype":
-                fields[key] = value
+            elif key in ("expert_dtype", "max_position_embeddings", "bos_token_id"):
+                fields[key] = value  # checked by validate
+            elif key == "eos_token_id":
+                fields[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise ConfigError(f"{source}: unknown key {key!r} (not a DeepSeek-V4 config field)")
         missing = [k for k in cls._REQUIRED if k not in fields]
@@ -198,8 +211,19 @@ class ModelConfig:
         if self.scale_fmt:
             quant["scale_fmt"] = self.scale_fmt
         out["quantization_config"] = quant
+        for key in ("max_position_embeddings", "bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
         out.update(_PINNED_KEYS)
+        out.update(_IDENTITY)
         return out
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (none if the config names none)."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         cfg = dataclasses.replace(self, **changes)
@@ -211,7 +235,9 @@ class ModelConfig:
         (this also guards configs built in Python), so every rule below compares numbers."""
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"{source}: key {key!r} = {getattr(self, key)!r}: {why}")
+                value = getattr(self, key)  # a tuple shown as the file's list
+                raise ConfigError(f"{source}: key {key!r} = {list(value) if isinstance(value, tuple) else value!r}: "
+                                  f"{why}")
 
         for key in _INT_KEYS:
             need(_is_int(getattr(self, key)), key, "must be an integer")
@@ -246,6 +272,16 @@ class ModelConfig:
         need(all(r == 0 or r >= 2 for r in self.compress_ratios), "compress_ratios", "ratios are 0 or >= 2")
         need(self.expert_dtype in ("fp4", "fp8"), "expert_dtype", "must be 'fp4' or 'fp8'")
         need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
+        need(self.max_position_embeddings is None or (_is_int(self.max_position_embeddings)
+                                                      and self.max_position_embeddings > 0),
+             "max_position_embeddings", "must be a positive integer")
+        ids = f"[0, {self.vocab_size}) (the vocabulary)"
+        need(self.bos_token_id is None or _is_token(self.bos_token_id, self.vocab_size), "bos_token_id",
+             f"must be a token id in {ids}")
+        eos = self.eos_token_id
+        need(eos is None or _is_token(eos, self.vocab_size)
+             or (isinstance(eos, tuple) and eos and all(_is_token(t, self.vocab_size) for t in eos)),
+             "eos_token_id", f"must be a token id in {ids} or a non-empty list of them")
         for key in ("quant_sim", "quantized", "remat"):
             need(isinstance(getattr(self, key), bool), key, "must be true or false")
 
