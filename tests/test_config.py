@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v4jax.config import ConfigError, ModelConfig
 
@@ -194,3 +196,37 @@ def test_hugging_face_reads_the_config_v4jax_writes():
         hf = transformers.AutoConfig.from_pretrained(tmp)
     assert type(hf).__name__ == "DeepseekV4Config"
     assert (hf.max_position_embeddings, hf.bos_token_id, hf.eos_token_id, hf.vocab_size) == (4096, 0, 1, 512)
+
+
+# ---------------------------------------------------------------------------- sizes that would hang
+def _plan_by_search(kinds):
+    """Every cut of the layers into repeated units of 1 or 2 kinds, searched exhaustively: the
+    fewest traced blocks, ties to units of 1 and then to fewer repetitions (the rule layer_plan keeps)."""
+    best = [(0, ())] + [(1 << 30, ())] * len(kinds)
+    for end in range(1, len(kinds) + 1):
+        for p in (1, 2):
+            for reps in range(1, end // p + 1):
+                first = end - reps * p
+                if kinds[first:end] != kinds[first:first + p] * reps:
+                    break
+                if best[first][0] + p < best[end][0]:
+                    best[end] = (best[first][0] + p, best[first][1] + ((first, tuple(kinds[first:first + p]), reps),))
+    return best[-1][1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ratios=st.lists(st.sampled_from([0, 4, 128]), min_size=1, max_size=24), hashed=st.integers(0, 3))
+def test_layer_plan_is_the_fewest_traced_blocks(ratios, hashed):
+    cfg = ModelConfig.from_dict(_raw(num_hidden_layers=len(ratios), compress_ratios=ratios + [0],
+                                     num_hash_layers=min(hashed, len(ratios))))
+    kinds = [cfg.layer_kind(i) for i in range(len(ratios))]
+    assert [(s.first, s.unit, s.reps) for s in cfg.layer_plan] == list(_plan_by_search(kinds))
+
+
+def test_many_layers_plan_in_linear_time_and_a_billion_experts_are_refused_unlisted():
+    n = 20000  # a 60 KB config.json; the exhaustive search takes hours
+    cfg = ModelConfig.from_dict(_raw(num_hidden_layers=n, compress_ratios=[4, 128] * (n // 2) + [0]))
+    assert [(s.first, len(s.unit), s.reps) for s in cfg.layer_plan] == [(0, 1, 1), (1, 1, 1), (2, 2, n // 2 - 1)]
+    with pytest.raises(ConfigError, match=r"key 'n_routed_experts' = 1000000000: with num_hidden_layers = 6 the "
+                                          r"checkpoint would list about 42,000,000,336 tensors, more than v4jax reads"):
+        ModelConfig.from_dict(_raw(n_routed_experts=10**9), source="cfg.json")
