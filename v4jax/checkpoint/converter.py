@@ -69,6 +69,7 @@ def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtyp
     dst, src = Path(dst).absolute(), Path(src).absolute()
     check_absent(dst)
     check_outside(dst, src)
+    _check_utf8(dst)
     if (src / INFO).is_file() and not (src / INDEX).is_file():
         raise CheckpointError(f"{src}: a converted v4jax checkpoint, not a published one (export writes that back)")
     published = read_published(src)
@@ -210,6 +211,7 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
     leaves may be restored as either; every other dtype and every shape must match.
     """
     path = Path(path).absolute()
+    _check_utf8(path)
     cfg = converted_config(path)
     stored = model_layout(cfg, cfg.quantized)
     recorded = read_json(path / CHECKSUMS)
@@ -248,6 +250,16 @@ def _check_orbax_json(state: Path) -> None:
     for f in sorted(state.rglob("*")):
         if f.name in _ORBAX_JSON or f.parent.name == "array_metadatas":
             read_json(f)
+
+
+def _check_utf8(path: Path) -> None:
+    """Orbax hands paths to tensorstore, which takes only UTF-8: a file name of other bytes
+    (surrogate-escaped by Python) would fail inside it with a cast error."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: not a UTF-8 path, which Orbax cannot write or read; "
+                              "rename it") from None
 
 
 def _first_line(e: BaseException) -> str:

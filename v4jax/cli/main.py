@@ -94,13 +94,14 @@ def exit_code(e: BaseException) -> int | None:
 def message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _fail(prog: str, text: str, code: int):
     sys.stdout.flush()
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name's undecodable bytes, escaped
     print(f"{prog}: {text}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
