@@ -516,3 +516,11 @@ def test_ctrl_c_mid_convert_exits_130_in_one_line_and_leaves_nothing(pristine, t
     assert [line for line in err.splitlines() if line and "B/s" not in line][-1] == "v4jax convert: interrupted"
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_conversion_removes_the_folders_it_made_for_its_destination(src, tmp_path):
+    poke(src, "norm.weight", 0, np.array(np.inf, ml_dtypes.bfloat16).tobytes())
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(CheckpointError, match="holds a non-finite value"):
+        convert(src, tmp_path / "kept" / "a" / "b" / "conv", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "src"] and not any((tmp_path / "kept").iterdir())

@@ -51,6 +51,7 @@ def _raw(**changes):
     ({"scoring_func": "softmax"}, "scoring_func"),
     ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
     ({"expert_dtype": "int4"}, "expert_dtype"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": None}}, "weight_block_size"),
 ])
 def test_bad_config_names_the_key(changes, key):
     with pytest.raises(ConfigError, match=key):
@@ -230,3 +231,27 @@ def test_many_layers_plan_in_linear_time_and_a_billion_experts_are_refused_unlis
     with pytest.raises(ConfigError, match=r"key 'n_routed_experts' = 1000000000: with num_hidden_layers = 6 the "
                                           r"checkpoint would list about 42,000,000,336 tensors, more than v4jax reads"):
         ModelConfig.from_dict(_raw(n_routed_experts=10**9), source="cfg.json")
+
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=5)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
+NESTED = ["quantization_config.weight_block_size", "quantization_config.scale_fmt", "quantization_config.fmt",
+          "rope_scaling.factor", "rope_scaling.type", "rope_scaling.beta_slow",
+          "rope_scaling.original_max_position_embeddings"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(edits=st.lists(st.tuples(st.sampled_from(sorted(_raw()) + NESTED), JSON), min_size=1, max_size=3))
+def test_any_json_value_for_any_key_loads_or_is_a_config_error(edits):
+    raw = _raw()
+    for key, value in edits:
+        outer, _, inner = key.partition(".")
+        if inner:
+            raw[outer] = {**raw[outer], inner: value} if isinstance(raw.get(outer), dict) else raw.get(outer)
+        else:
+            raw[key] = value
+    try:
+        ModelConfig.from_dict(raw).layer_plan
+    except ConfigError:
+        pass

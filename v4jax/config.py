@@ -365,7 +365,7 @@ def _scale_fmt(quant: Any, source: str) -> str | None:
         raise ConfigError(f"{source}: key 'quantization_config' must be an object")
     if quant.get("quant_method", "fp8") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"{source}: key 'quantization_config' describes {quant}; only fp8 e4m3 is supported")
-    if list(quant.get("weight_block_size", [128, 128])) != [128, 128]:
+    if quant.get("weight_block_size", [128, 128]) != [128, 128]:
         raise ConfigError(f"{source}: key 'quantization_config.weight_block_size' must be [128, 128]")
     fmt = quant.get("scale_fmt")
     if fmt not in (None, "ue8m0"):

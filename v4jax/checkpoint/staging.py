@@ -97,6 +97,7 @@ def staging(dst: Path) -> Iterator[Path]:
     error it is removed, so a half-written output never appears at `dst`."""
     check_absent(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{_token()}"
+    created = [p for p in dst.parents if not p.exists()]  # folders made for dst: removed again on failure
     if is_primary():
         dst.parent.mkdir(parents=True, exist_ok=True)
         clear_stale(dst)
@@ -117,4 +118,7 @@ def staging(dst: Path) -> Iterator[Path]:
     except BaseException:
         if is_primary():
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # innermost first; one another run has since filled stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
