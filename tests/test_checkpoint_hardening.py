@@ -524,3 +524,12 @@ def test_a_refused_conversion_removes_the_folders_it_made_for_its_destination(sr
     with pytest.raises(CheckpointError, match="holds a non-finite value"):
         convert(src, tmp_path / "kept" / "a" / "b" / "conv", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "src"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_converted_folder_whose_config_was_edited_names_the_first_leaf_that_disagrees(converted, tmp_path):
+    folder = Path(shutil.copytree(converted, tmp_path / "conv"))
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "vocab_size": 1024}))
+    refused(lambda: export(folder, tmp_path / "out" / "back", progress=False),
+            r"state: cannot restore: leaf embed\.weight is stored as bfloat16\[512, 128\]; config\.json and "
+            r"v4jax\.json describe bfloat16\[1024, 128\]", folder, tmp_path / "out")

@@ -234,10 +234,28 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
         with orbax_context():
             restored = ocp.load(path / STATE, target)
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged folder
-        raise CheckpointError(f"{path / STATE}: cannot restore: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"{path / STATE}: cannot restore: "
+                              f"{_disagreement(path, target) or f'{type(e).__name__}: {_first_line(e)}'}") from e
     checksum.verify(str(path / STATE), restored, recorded)
     return {name: a if a.dtype == abstract[name].dtype else a.astype(abstract[name].dtype)
             for name, a in restored.items()}
+
+
+def _disagreement(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> str | None:
+    """After a failed restore: the first leaf whose stored shape or dtype is not what the folder's
+    config.json and v4jax.json describe (say, an edited config.json), if that is the cause."""
+    try:
+        stored = ocp.metadata(path / STATE).metadata
+    except Exception:  # the metadata is as damaged as the rest
+        return None
+    for name, want in target.items():
+        have = stored.get(name) if isinstance(stored, dict) else None
+        if have is None:
+            return f"no leaf {name} (config.json and {INFO} describe one)"
+        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+            return (f"leaf {name} is stored as {np.dtype(have.dtype)}{list(have.shape)}; config.json and {INFO} "
+                    f"describe {np.dtype(want.dtype)}{list(want.shape)}")
+    return None
 
 
 # The JSON files Orbax keeps beside the array data; parsed first, so a damaged one is named.

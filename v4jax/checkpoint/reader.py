@@ -164,7 +164,8 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
 def _shard_path(root: Path, file: str, index_path: Path, name: str) -> Path:
     """The file a (checked, plain) index entry names inside the folder, followed if it is a symlink."""
     if not (root / file).is_file():
-        raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which does not exist")
+        what = "is not a regular file" if (root / file).exists() else "does not exist"
+        raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which {what}")
     return root / file
 
 
