@@ -151,8 +151,8 @@ class _Interrupts:
     (Off the main thread, where no signal handler can be set, interrupts are not deferred.)"""
 
     def __enter__(self) -> "_Interrupts":
-        self.pending, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
+        self.pending, self.installed = False, threading.current_thread() is threading.main_thread()
+        if self.installed:
             self.previous = signal.signal(signal.SIGINT, self._note)
         return self
 
@@ -164,8 +164,8 @@ class _Interrupts:
             raise KeyboardInterrupt
 
     def __exit__(self, *_) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        if self.installed:  # None: a handler set outside Python, which Python cannot reinstate
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
 
 
 def _wait(path: Path, in_flight: list, bar: tqdm) -> None:
