@@ -3,7 +3,9 @@ naming the file and tensor / key / leaf, and nothing is written or lost (the sou
 output or staging folder left, an existing destination never replaced). Real-world folders
 (relative paths, Hugging Face cache snapshots of symlinks) convert and export back byte for byte."""
 
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -14,16 +16,21 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v4jax.checkpoint import CheckpointError, convert, export, load_flat, model_layout, write_random_checkpoint
 from v4jax.checkpoint import converter
 from v4jax.checkpoint.reader import read_published
 from v4jax.checkpoint.staging import OWNER
+
+layout_module = importlib.import_module("v4jax.checkpoint.model_layout")  # the package exports a function of that name
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = "model.safetensors.index.json"
@@ -167,6 +174,39 @@ def test_export_of_a_model_with_a_nan_weight_is_refused(converted, tmp_path):
     refused(lambda: export(flat, tmp_path / "out" / "back", cfg=cfg, progress=False),
             r"flat dict: tensor layers\.3\.attn_norm\.weight holds a non-finite value \(NaN or Inf\) at \[17\]",
             converted, tmp_path / "out")
+
+
+FLOAT_TYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F8_E4M3": ml_dtypes.float8_e4m3fn}
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(sorted(FLOAT_TYPES)), shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([np.nan, np.inf, -np.inf])),
+                    max_size=3), chunk=st.integers(1, 40))
+def test_non_finite_scan_finds_the_first_bad_element_across_chunk_boundaries(dtype, shape, bad, chunk):
+    """The chunked bit test against numpy's own isfinite on the decoded values."""
+    values = np.random.default_rng(len(bad)).normal(0, 100, shape).astype(np.float32)
+    for where, value in bad:
+        values.reshape(-1)[int(where * values.size)] = value
+    array = values.astype(FLOAT_TYPES[dtype])
+    not_finite = ~np.isfinite(array.astype(np.float32))
+    want = [int(i) for i in np.argwhere(not_finite)[0]] if not_finite.any() else None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout_module, "_CHECK_ELEMENTS", chunk)
+        assert layout_module.first_non_finite(array, dtype) == want
+
+
+def test_non_finite_scan_of_a_large_tensor_needs_no_copy_of_it():
+    """Bounded host memory: checking a 64 MiB tensor allocates a few MiB of scratch, not a copy."""
+    array = np.zeros((4096, 8192), ml_dtypes.bfloat16)
+    array[4000, 17] = np.inf
+    tracemalloc.start()
+    try:
+        assert layout_module.first_non_finite(array, "BF16") == [4000, 17]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
 
 
 # ---------------------------------------------------------------------------- format
@@ -346,3 +386,150 @@ def test_training_save_records_checksums_and_a_damaged_step_names_the_leaf(tmp_p
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         train.Checkpoints(tmp_path / "empty").restore(*fresh(3))
     assert not jnp.isnan(other.kernel[...]).any()
+
+
+# ---------------------------------------------------------------------------- probing beyond the listed classes
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail (not hang) if the body runs longer than `seconds`."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_output_inside_its_source_folder_is_refused(src, converted, tmp_path):
+    refused(lambda: convert(src, src / "conv", progress=False), r"inside the source folder", src, src)
+    folder = Path(shutil.copytree(converted, tmp_path / "conv"))
+    refused(lambda: export(folder, folder / "sub" / "back", progress=False), r"inside the source folder", folder,
+            folder)
+    (tmp_path / "alias").symlink_to(src)  # the same folder under another name
+    refused(lambda: convert(src, tmp_path / "alias" / "conv", progress=False), r"inside the source folder", src, src)
+
+
+def test_a_converted_folder_given_to_convert_and_a_published_one_to_export_say_what_they_are(src, converted,
+                                                                                               tmp_path):
+    refused(lambda: convert(converted, tmp_path / "out" / "x", progress=False),
+            r"conv\S*: a converted v4jax checkpoint, not a published one", converted, tmp_path / "out")
+    refused(lambda: export(src, tmp_path / "out" / "x", progress=False),
+            r"src: a published checkpoint folder, not a converted one", src, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    refused(lambda: convert(tmp_path / "empty", tmp_path / "out" / "x", progress=False),
+            r"empty: not a published checkpoint folder \(no model\.safetensors\.index\.json\)", tmp_path / "empty",
+            tmp_path / "out")
+
+
+@pytest.mark.parametrize("file", ["config.json", INDEX, "tokenizer.json"])
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_in_place_of_a_json_file_is_refused_not_read_forever(src, tmp_path, file, kind):
+    (src / file).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(src / file)
+    else:
+        (src / file).symlink_to("/dev/zero")
+    with within(60):
+        refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False),
+                rf"{re.escape(file)}: cannot read.*not a regular file", src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("tokenizer.json", b"not json", r"cannot read: JSONDecodeError"),
+    ("tokenizer.json", b'{"model": 1, "model": 2}', r"cannot read: ValueError: key 'model' appears twice"),
+    ("tokenizer_config.json", b"\xff\xfe{}", r"cannot read: UnicodeDecodeError"),
+    ("generation_config.json", b"[1]", r"expected a JSON object, got list"),
+])
+def test_a_companion_file_that_is_not_a_json_object_is_refused_before_anything_is_written(src, converted, tmp_path,
+                                                                                            file, text, message):
+    (src / file).write_bytes(text)
+    refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False), rf"{file}: {message}", src,
+            tmp_path / "out")
+    folder = Path(shutil.copytree(converted, tmp_path / "conv"))
+    (folder / file).write_bytes(text)
+    refused(lambda: export(folder, tmp_path / "out" / "back", progress=False), rf"{file}: {message}", folder,
+            tmp_path / "out")
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_nothing(src, converted, tmp_path, monkeypatch):
+    import errno
+
+    from orbax.checkpoint.experimental import v1 as ocp
+
+    from v4jax.checkpoint import safetensors_format
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors_format.os, "pwrite", full)
+        refused(lambda: export(converted, tmp_path / "out" / "back", progress=False),
+                r"model-\d{5}-of-\d{5}\.safetensors: cannot write: No space left on device", converted,
+                tmp_path / "out")
+
+    class Failing:  # what Orbax's save hands back when tensorstore cannot write
+        def result(self):
+            raise ValueError('RESOURCE_EXHAUSTED: Failed writing: "d/0": No space left on device')
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ocp.partial, "save_async", lambda path, batch: Failing())
+        refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False),
+                r"\.conv\.tmp-[0-9a-f]+/state: cannot write: ValueError: RESOURCE_EXHAUSTED: .*No space left",
+                src, tmp_path / "out")
+
+
+def test_concurrent_runs_into_one_destination_keep_the_first_output_and_leave_no_staging(tmp_path):
+    from v4jax.checkpoint.staging import staging
+
+    dst = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="already exists; refusing to overwrite"):
+        with staging(dst) as slow:
+            (slow / "mine").write_text("slow")
+            with staging(dst) as fast:  # a second run for the same destination finishes first
+                (fast / "mine").write_text("fast")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dst / "mine").read_text() == "fast"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_ctrl_c_mid_convert_exits_130_in_one_line_and_leaves_nothing(pristine, tmp_path, delay):
+    """Orbax keeps writing in background threads: the interrupted run waits for them before it
+    removes its staging folder, or they would write part of it back."""
+    dst = tmp_path / "conv"
+    script = (f"from v4jax.checkpoint import converter as c\n"
+              f"c._SAVE_BYTES = 100_000\n"  # many saves: the interrupt lands mid-way
+              f"from v4jax.cli.main import main\n"
+              f"main(['convert', {str(pristine)!r}, {str(dst)!r}])\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".conv.tmp-*/state*")) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    time.sleep(1)  # a straggling background write would show up here
+    assert child.returncode == 130, err
+    assert [line for line in err.splitlines() if line and "B/s" not in line][-1] == "v4jax convert: interrupted"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_conversion_removes_the_folders_it_made_for_its_destination(src, tmp_path):
+    poke(src, "norm.weight", 0, np.array(np.inf, ml_dtypes.bfloat16).tobytes())
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(CheckpointError, match="holds a non-finite value"):
+        convert(src, tmp_path / "kept" / "a" / "b" / "conv", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "src"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_converted_folder_whose_config_was_edited_names_the_first_leaf_that_disagrees(converted, tmp_path):
+    folder = Path(shutil.copytree(converted, tmp_path / "conv"))
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "vocab_size": 1024}))
+    refused(lambda: export(folder, tmp_path / "out" / "back", progress=False),
+            r"state: cannot restore: leaf embed\.weight is stored as bfloat16\[512, 128\]; config\.json and "
+            r"v4jax\.json describe bfloat16\[1024, 128\]", folder, tmp_path / "out")

@@ -1,8 +1,11 @@
 """A user's mistake on the command line: one line `v4jax VERB: ...` on stderr, exit 2 (usage) or
 1 (data), no traceback, nothing written; cheap checks fail before any model loads."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +229,31 @@ def test_interrupt_debug_and_bugs(word_ckpt, capsys, monkeypatch):
         cli.main(argv)
     assert fails(capsys, ["--process-id", "1", *argv], 2) == (
         "v4jax: --coordinator, --num-processes and --process-id go with --distributed")
+
+
+# ---------------------------------------------------------------------------- convert / export / demo boundary
+def test_convert_into_its_source_or_to_a_non_utf8_path_is_one_line_and_writes_nothing(word_ckpt, tmp_path, capsys):
+    src = Path(shutil.copytree(word_ckpt, tmp_path / "src"))
+    before = sorted(p.name for p in src.iterdir())
+    assert fails(capsys, ["convert", str(src), str(src / "conv")], 1) == (
+        f"v4jax convert: {src}/conv: inside the source folder {src}; write the output elsewhere")
+    odd = tmp_path / "out\udcff"  # a file name byte that is not UTF-8, as Python hands it over
+    assert fails(capsys, ["convert", str(src), str(odd)], 1).endswith(
+        "not a UTF-8 path, which Orbax cannot write or read; rename it")
+    assert sorted(p.name for p in src.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_demo_refuses_more_new_tokens_than_the_tiny_model_can_position(capsys):
+    assert fails(capsys, ["demo", "--max-new-tokens", "3797"], 2) == (
+        "v4jax demo: --max-new-tokens 3797: prompts of up to 300 tokens and that many more exceed the tiny "
+        "model's max_position_embeddings 4096")
+
+
+def test_a_full_disk_is_a_one_line_data_error():
+    from v4jax.cli.main import exit_code, message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert exit_code(full) == 1 and message(full) == "No space left on device"
+    named = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), "/x/" + "a" * 300)
+    assert exit_code(named) == 1 and message(named).endswith(": File name too long")
+    assert exit_code(OSError(errno.EBADF, "Bad file descriptor")) is None  # no path, no disk: a bug

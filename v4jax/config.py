@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,11 @@ class RopeScaling:
 # architecture supports.
 _IGNORED_KEYS = frozenset({
     "architectures", "model_type", "torch_dtype", "initializer_range", "use_cache",
-    "transformers_version", "bos_token_id", "eos_token_id", "attention_dropout",
-    "max_position_embeddings",
+    "transformers_version", "attention_dropout",
 })
+# What identifies the file to other tools (HF transformers' AutoConfig reads model_type); written
+# by `to_dict`, ignored on reading.
+_IDENTITY = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "torch_dtype": "bfloat16"}
 _PINNED_KEYS = {
     "num_key_value_heads": 1,  # single shared K = V head (MQA)
     "n_shared_experts": 1,
@@ -56,6 +60,9 @@ _INT_KEYS = frozenset({
 })
 _FLOAT_KEYS = frozenset({"compress_rope_theta", "rope_theta", "routed_scaling_factor", "swiglu_limit", "hc_eps",
                          "rms_norm_eps"})
+# Tensors a published checkpoint may list (the inventory is built name by name; Pro lists 145,116):
+# a config naming a billion experts is refused here rather than enumerated for hours.
+_MAX_TENSORS = 1 << 21
 # Sizes the math divides by or builds arrays from: zero cannot run.
 _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                   "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads",
@@ -74,8 +81,33 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# A JSON file of a checkpoint folder (config, index, recorded layout, tokenizer) is read whole; none
+# comes near this size (Pro's index: 10 MB, a tokenizer.json: 10 MB).
+_JSON_BYTES = 256 * 2**20
+
+
+def load_json_file(path: str | Path) -> Any:
+    """The value of a JSON file, read as UTF-8 with unique keys. Only a regular file of at most
+    256 MiB is read: a FIFO would block and a device (a config.json linked to /dev/zero) never
+    ends. Raises OSError, or ValueError (not a regular file, too large, invalid UTF-8 or JSON, a
+    key given twice); callers name the file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > _JSON_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than any JSON file v4jax reads ({_JSON_BYTES})")
+        raw = f.read(_JSON_BYTES + 1)
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int  # not bool (an int subclass), not a float such as 4.0
+
+
+def _is_token(value: Any, vocab_size: int) -> bool:
+    return _is_int(value) and 0 <= value < vocab_size
 
 
 def _is_number(value: Any) -> bool:
@@ -116,6 +148,11 @@ class ModelConfig:
     expert_dtype: str = "fp4"
     # "ue8m0": block scales stored as F8_E8M0 bytes; None: stored as float32 values (Base).
     scale_fmt: str | None = "ue8m0"
+    # Published, not used by the math; None where a file gives none. The longest sequence the model
+    # is meant to run (Flash / Pro: 16 x 65536), and the special token ids (eos: one or several).
+    max_position_embeddings: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     # ---- runtime choices (not in config.json) ----
     dtype: str = "bfloat16"  # activations and dequantised weights at rest
@@ -140,7 +177,7 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            raw = json.loads(path.read_text(), object_pairs_hook=unique_keys)
+            raw = load_json_file(path)
         except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
             raise ConfigError(f"{path}: cannot read config: {type(e).__name__}: {e}") from None
         return cls.from_dict(raw, source=str(path), **runtime)
@@ -173,8 +210,10 @@ class ModelConfig:
                 if not _is_number(value):
                     raise ConfigError(f"{source}: key {key!r} = {value!r}: must be a finite number")
                 fields[key] = value
-            elif key == "expert_dtype":
-                fields[key] = value
+            elif key in ("expert_dtype", "max_position_embeddings", "bos_token_id"):
+                fields[key] = value  # checked by validate
+            elif key == "eos_token_id":
+                fields[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise ConfigError(f"{source}: unknown key {key!r} (not a DeepSeek-V4 config field)")
         missing = [k for k in cls._REQUIRED if k not in fields]
@@ -198,8 +237,19 @@ class ModelConfig:
         if self.scale_fmt:
             quant["scale_fmt"] = self.scale_fmt
         out["quantization_config"] = quant
+        for key in ("max_position_embeddings", "bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
         out.update(_PINNED_KEYS)
+        out.update(_IDENTITY)
         return out
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (none if the config names none)."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         cfg = dataclasses.replace(self, **changes)
@@ -211,7 +261,9 @@ class ModelConfig:
         (this also guards configs built in Python), so every rule below compares numbers."""
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"{source}: key {key!r} = {getattr(self, key)!r}: {why}")
+                value = getattr(self, key)  # a tuple shown as the file's list
+                raise ConfigError(f"{source}: key {key!r} = {list(value) if isinstance(value, tuple) else value!r}: "
+                                  f"{why}")
 
         for key in _INT_KEYS:
             need(_is_int(getattr(self, key)), key, "must be an integer")
@@ -243,9 +295,24 @@ class ModelConfig:
         need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "only 0 or 1 MTP block")
         need(len(self.compress_ratios) == self.num_hidden_layers + self.num_nextn_predict_layers,
              "compress_ratios", "needs one entry per layer plus one per MTP block")
+        # At most 48 tensors per block besides its routed experts' 6 (weight and scale of w1, w2, w3).
+        tensors = (self.num_hidden_layers + self.num_nextn_predict_layers) * (6 * self.n_routed_experts + 48)
+        need(tensors <= _MAX_TENSORS, "n_routed_experts",
+             f"with num_hidden_layers = {self.num_hidden_layers} the checkpoint would list about {tensors:,} "
+             f"tensors, more than v4jax reads ({_MAX_TENSORS:,}; Pro lists 145,116)")
         need(all(r == 0 or r >= 2 for r in self.compress_ratios), "compress_ratios", "ratios are 0 or >= 2")
         need(self.expert_dtype in ("fp4", "fp8"), "expert_dtype", "must be 'fp4' or 'fp8'")
         need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
+        need(self.max_position_embeddings is None or (_is_int(self.max_position_embeddings)
+                                                      and self.max_position_embeddings > 0),
+             "max_position_embeddings", "must be a positive integer")
+        ids = f"[0, {self.vocab_size}) (the vocabulary)"
+        need(self.bos_token_id is None or _is_token(self.bos_token_id, self.vocab_size), "bos_token_id",
+             f"must be a token id in {ids}")
+        eos = self.eos_token_id
+        need(eos is None or _is_token(eos, self.vocab_size)
+             or (isinstance(eos, tuple) and eos and all(_is_token(t, self.vocab_size) for t in eos)),
+             "eos_token_id", f"must be a token id in {ids} or a non-empty list of them")
         for key in ("quant_sim", "quantized", "remat"):
             need(isinstance(getattr(self, key), bool), key, "must be true or false")
 
@@ -298,7 +365,7 @@ def _scale_fmt(quant: Any, source: str) -> str | None:
         raise ConfigError(f"{source}: key 'quantization_config' must be an object")
     if quant.get("quant_method", "fp8") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"{source}: key 'quantization_config' describes {quant}; only fp8 e4m3 is supported")
-    if list(quant.get("weight_block_size", [128, 128])) != [128, 128]:
+    if quant.get("weight_block_size", [128, 128]) != [128, 128]:
         raise ConfigError(f"{source}: key 'quantization_config.weight_block_size' must be [128, 128]")
     fmt = quant.get("scale_fmt")
     if fmt not in (None, "ue8m0"):
@@ -341,17 +408,29 @@ class Segment:
 
 
 def _layer_plan(cfg: ModelConfig) -> tuple[Segment, ...]:
+    """Fewest traced blocks (a segment of unit p costs p), ties to units of 1 and then to fewer
+    repetitions. Linear in the layers: the starts from which layers first..end-1 repeat one unit
+    of p kinds are end - p plus, if the last two units agree, the starts for end - p."""
     kinds = [cfg.layer_kind(i) for i in range(cfg.num_hidden_layers)]
     n = len(kinds)
-    best: list[tuple[int, tuple[Segment, ...]]] = [(0, ())] + [(1 << 30, ())] * n  # best[i]: layers < i
+    cost = [0] * (n + 1)  # cost[i]: fewest blocks traced for layers < i
+    cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # cut[i]: (first layer, unit length) of that plan's last segment
+    starts = {p: [(0, 0)] * (n + 1) for p in (1, 2)}  # starts[p][end]: min (cost[first], -first) over those starts
     for end in range(1, n + 1):
+        options = []
         for p in (1, 2):
-            for reps in range(1, end // p + 1):
-                first = end - reps * p
-                unit = tuple(kinds[first:first + p])
-                if tuple(kinds[first:end]) != unit * reps:
-                    break
-                cost = best[first][0] + p
-                if cost < best[end][0]:
-                    best[end] = (cost, best[first][1] + (Segment(first, unit, reps),))
-    return best[n][1]
+            if end < p:
+                continue
+            start = (cost[end - p], -(end - p))
+            if end >= 2 * p and kinds[end - p:end] == kinds[end - 2 * p:end - p]:
+                start = min(start, starts[p][end - p])
+            starts[p][end] = start
+            options.append((start[0] + p, p, -start[1]))
+        cost[end], p, first = min(options, key=lambda o: (o[0], o[1]))  # ties: the unit of 1
+        cut[end] = (first, p)
+    segments, end = [], n
+    while end:
+        first, p = cut[end]
+        segments.append(Segment(first, tuple(kinds[first:first + p]), (end - first) // p))
+        end = first
+    return tuple(reversed(segments))

@@ -21,6 +21,8 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -33,10 +35,10 @@ from tqdm import tqdm
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.model_layout import Leaf, leaves, model_layout
 from v4jax.checkpoint.layout import INDEX
-from v4jax.checkpoint.reader import COMPANION_FILES, PublishedCheckpoint, read_published
-from v4jax.checkpoint.staging import check_absent, is_primary, staging
-from v4jax.config import ConfigError, ModelConfig, unique_keys
-from v4jax.errors import CheckpointError
+from v4jax.checkpoint.reader import PublishedCheckpoint, companion_files, read_published
+from v4jax.checkpoint.staging import check_absent, check_outside, is_primary, staging
+from v4jax.config import ConfigError, ModelConfig, load_json_file
+from v4jax.errors import CheckpointError, V4jaxError
 
 STATE = "state"
 INFO = "v4jax.json"
@@ -64,29 +66,37 @@ def iter_model_layout(published: PublishedCheckpoint, cfg: ModelConfig, keep_qua
 def convert(src: str | Path, dst: str | Path, keep_quantized: bool = False, dtype: str = "bfloat16",
             sharding_for: ShardingFor | None = None, progress: bool = True) -> Path:
     """Convert the published checkpoint folder `src` into an Orbax folder `dst` (see module doc)."""
-    dst = Path(dst).absolute()
+    dst, src = Path(dst).absolute(), Path(src).absolute()
     check_absent(dst)
+    check_outside(dst, src)
+    _check_utf8(dst)
+    if (src / INFO).is_file() and not (src / INDEX).is_file():
+        raise CheckpointError(f"{src}: a converted v4jax checkpoint, not a published one (export writes that back)")
     published = read_published(src)
+    companions = companion_files(published.path)
     cfg = published.cfg.replace(dtype=dtype)
     plan = leaves(cfg, keep_quantized)
     with staging(dst) as tmp:
         if is_primary():  # files that exist once; every process saves its own shards through Orbax
-            for name in ("config.json",) + COMPANION_FILES:
-                if (published.path / name).is_file():
-                    shutil.copyfile(published.path / name, tmp / name)
+            for path in [published.path / "config.json"] + companions:
+                shutil.copyfile(path, tmp / path.name)
             (tmp / INFO).write_text(json.dumps({"dtype": dtype, "keep_quantized": keep_quantized}))
             (tmp / LAYOUT).write_text(published.layout.to_json())
         bar = tqdm(total=sum(leaf.source_bytes for leaf in plan), unit="B", unit_scale=True,
                    desc=f"convert {published.path.name}", disable=not (progress and is_primary()))
-        with bar, orbax_context():
-            sums = _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar)
-            ocp.partial.finalize(tmp / STATE)
+        with bar, orbax_context(), _Interrupts() as interrupts:
+            sums = _save_in_batches(tmp / STATE, plan, lambda leaf: _place(leaf, published, sharding_for), bar,
+                                    interrupts)
+            with _writing(tmp / STATE):
+                ocp.partial.finalize(tmp / STATE)
+            interrupts.check()
         if is_primary():
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=0))
     return dst
 
 
-def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.Array], bar: tqdm) -> dict[str, str]:
+def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.Array], bar: tqdm,
+                     interrupts: "_Interrupts") -> dict[str, str]:
     """Orbax partial saves of at most _SAVE_BYTES each (or one larger leaf). A batch is
     written in the background while the next one is read, so reading overlaps writing
     and at most two batches are alive. Returns the leaves' checksums (computed
@@ -95,15 +105,29 @@ def _save_in_batches(path: Path, plan: list[Leaf], place: Callable[[Leaf], jax.A
     pending = {}
     try:
         for group in byte_batches(plan, lambda leaf: leaf.nbytes, _SAVE_BYTES):
+            interrupts.check()
             batch = {leaf.name: place(leaf) for leaf in group}
             pending.update(checksum.start(batch))
-            _wait(in_flight, bar)
-            in_flight.append((ocp.partial.save_async(path, batch), sum(leaf.source_bytes for leaf in group)))
-        _wait(in_flight, bar)
+            _wait(path, in_flight, bar)
+            with _writing(path):
+                in_flight.append((ocp.partial.save_async(path, batch), sum(leaf.source_bytes for leaf in group)))
+        _wait(path, in_flight, bar)
         return checksum.finish(pending)
     finally:
         with contextlib.suppress(Exception):  # an error already on its way matters more
-            _wait(in_flight, bar)
+            _wait(path, in_flight, bar)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Orbax's write errors as one CheckpointError naming the folder: tensorstore reports a full
+    disk or a denied write as a ValueError."""
+    try:
+        yield
+    except V4jaxError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot write: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def byte_batches(items: Iterable[T], nbytes: Callable[[T], int], limit: int) -> Iterator[list[T]]:
@@ -121,16 +145,43 @@ def byte_batches(items: Iterable[T], nbytes: Callable[[T], int], limit: int) -> 
         yield batch
 
 
-def _wait(in_flight: list, bar: tqdm) -> None:
+class _Interrupts:
+    """Ctrl-C stops a conversion between two saves, never inside one: Orbax's background writes,
+    cut off mid-way, go on writing into the staging folder after the error path has removed it.
+    (Off the main thread, where no signal handler can be set, interrupts are not deferred.)"""
+
+    def __enter__(self) -> "_Interrupts":
+        self.pending, self.installed = False, threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, *_) -> None:
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *_) -> None:
+        if self.installed:  # None: a handler set outside Python, which Python cannot reinstate
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def _wait(path: Path, in_flight: list, bar: tqdm) -> None:
     while in_flight:
-        response, read = in_flight.pop()
-        response.result()
+        response, read = in_flight[0]
+        with _writing(path):
+            response.result()  # an interrupted wait (Ctrl-C) leaves the save listed: the error path waits again
+        in_flight.pop(0)
         bar.update(read)
 
 
 def converted_config(path: str | Path) -> ModelConfig:
     """The config of a converted folder, with `dtype` and `quantized` (= kept quantised) as converted."""
     path = Path(path).absolute()
+    if (path / INDEX).is_file() and not (path / INFO).is_file():
+        raise CheckpointError(f"{path}: a published checkpoint folder, not a converted one (convert makes one)")
     if not (path / INFO).is_file():
         raise CheckpointError(f"{path}: not a checkpoint folder (neither a published {INDEX} nor a converted {INFO})")
     info = read_json(path / INFO)
@@ -147,7 +198,7 @@ def converted_config(path: str | Path) -> ModelConfig:
 def read_json(path: Path):
     """A JSON file of a checkpoint folder; unreadable or invalid -> CheckpointError naming it."""
     try:
-        return json.loads(path.read_text(), object_pairs_hook=unique_keys)
+        return load_json_file(path)
     except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
         raise CheckpointError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
 
@@ -160,6 +211,7 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
     leaves may be restored as either; every other dtype and every shape must match.
     """
     path = Path(path).absolute()
+    _check_utf8(path)
     cfg = converted_config(path)
     stored = model_layout(cfg, cfg.quantized)
     recorded = read_json(path / CHECKSUMS)
@@ -182,10 +234,28 @@ def load_flat(path: str | Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> di
         with orbax_context():
             restored = ocp.load(path / STATE, target)
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged folder
-        raise CheckpointError(f"{path / STATE}: cannot restore: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"{path / STATE}: cannot restore: "
+                              f"{_disagreement(path, target) or f'{type(e).__name__}: {_first_line(e)}'}") from e
     checksum.verify(str(path / STATE), restored, recorded)
     return {name: a if a.dtype == abstract[name].dtype else a.astype(abstract[name].dtype)
             for name, a in restored.items()}
+
+
+def _disagreement(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> str | None:
+    """After a failed restore: the first leaf whose stored shape or dtype is not what the folder's
+    config.json and v4jax.json describe (say, an edited config.json), if that is the cause."""
+    try:
+        stored = ocp.metadata(path / STATE).metadata
+    except Exception:  # the metadata is as damaged as the rest
+        return None
+    for name, want in target.items():
+        have = stored.get(name) if isinstance(stored, dict) else None
+        if have is None:
+            return f"no leaf {name} (config.json and {INFO} describe one)"
+        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+            return (f"leaf {name} is stored as {np.dtype(have.dtype)}{list(have.shape)}; config.json and {INFO} "
+                    f"describe {np.dtype(want.dtype)}{list(want.shape)}")
+    return None
 
 
 # The JSON files Orbax keeps beside the array data; parsed first, so a damaged one is named.
@@ -198,6 +268,16 @@ def _check_orbax_json(state: Path) -> None:
     for f in sorted(state.rglob("*")):
         if f.name in _ORBAX_JSON or f.parent.name == "array_metadatas":
             read_json(f)
+
+
+def _check_utf8(path: Path) -> None:
+    """Orbax hands paths to tensorstore, which takes only UTF-8: a file name of other bytes
+    (surrogate-escaped by Python) would fail inside it with a cast error."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: not a UTF-8 path, which Orbax cannot write or read; "
+                              "rename it") from None
 
 
 def _first_line(e: BaseException) -> str:

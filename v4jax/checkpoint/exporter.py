@@ -24,9 +24,9 @@ from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, config_text
 from v4jax.checkpoint.model_layout import (PlainUnit, QuantizedUnit, encode, first_non_finite, model_layout,
                                            non_finite_message, units)
-from v4jax.checkpoint.reader import COMPANION_FILES
+from v4jax.checkpoint.reader import companion_files
 from v4jax.checkpoint.safetensors_format import ShardWriter
-from v4jax.checkpoint.staging import check_absent, staging
+from v4jax.checkpoint.staging import check_absent, check_outside, staging
 from v4jax.config import ModelConfig
 from v4jax.checkpoint.inventory import published_tensors
 
@@ -52,10 +52,11 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
         load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
     else:
         folder = Path(src).absolute()
+        check_outside(dst, folder)
         cfg = converted_config(folder)
         layout = FileLayout.from_json(folder / LAYOUT)
         config_bytes = (folder / "config.json").read_bytes()
-        companions = [folder / n for n in COMPANION_FILES if (folder / n).is_file()]
+        companions = companion_files(folder)
         stored = model_layout(cfg, cfg.quantized)
         sizes = {name: int(np.prod(s.shape)) * s.dtype.itemsize for name, s in stored.items()}
         load = lambda names: {n: np.asarray(v) for n, v in load_flat(folder, {n: stored[n] for n in names}).items()}

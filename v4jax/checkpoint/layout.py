@@ -15,7 +15,7 @@ from pathlib import Path
 
 from v4jax.checkpoint.inventory import TensorSpec, published_tensors
 from v4jax.checkpoint.safetensors_format import data_order
-from v4jax.config import ModelConfig, unique_keys
+from v4jax.config import ModelConfig, load_json_file
 from v4jax.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -83,7 +83,7 @@ class FileLayout:
         """The layout a converted folder recorded (`path`: its layout.json), checked as strictly
         as a published index: plain distinct file names, each tensor in one file and in `order`."""
         try:
-            raw = json.loads(path.read_text(), object_pairs_hook=unique_keys)
+            raw = load_json_file(path)
             shards = tuple(Shard(shard_file_name(s["file"], path, f"shards[{i}].file"), _names(s["tensors"]),
                                  _string_map(s["metadata"])) for i, s in enumerate(raw["shards"]))
             layout = cls(shards, _names(raw["order"]), raw["index_metadata"])

@@ -160,22 +160,32 @@ def _window(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
 
-# Bit patterns that are not finite numbers: (mask, value) with bits & mask == value. E4M3 (the
-# "fn" variant) has no infinities, S.1111.111 is its NaN; 0xFF is E8M0's one NaN.
-_NOT_FINITE = {"BF16": (np.uint16, 0x7F80, 0x7F80), "F32": (np.uint32, 0x7F800000, 0x7F800000),
-               "F8_E4M3": (np.uint8, 0x7F, 0x7F), "F8_E8M0": (np.uint8, 0xFF, 0xFF)}
+# Bit patterns that are not finite numbers: `bits & mask == mask`. E4M3 (the "fn" variant) has no
+# infinities, S.1111.111 is its NaN; 0xFF is E8M0's one NaN; BF16 and F32: the exponent all ones.
+_NOT_FINITE = {"BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000), "F8_E4M3": (np.uint8, 0x7F),
+               "F8_E8M0": (np.uint8, 0xFF)}
+# Elements checked per step: the scratch stays cache-sized whatever the tensor (a whole-tensor
+# `bits & mask` would hold 1.5 copies of a 500 MiB embedding beside it).
+_CHECK_ELEMENTS = 1 << 20
 
 
 def first_non_finite(raw: np.ndarray, dtype: str) -> list[int] | None:
     """Index of the first NaN / Inf (E4M3: NaN code) in `raw`, an array of safetensors `dtype`,
-    or None. Integer compares on the raw bits, cheap enough for the decode pass."""
+    or None. Integer compares on the raw bits, a bounded chunk at a time, cheap enough for the
+    decode pass and needing no memory beyond a few MiB."""
     rule = _NOT_FINITE.get(dtype)
     if rule is None or raw.size == 0:
         return None
-    view, mask, value = rule
-    bits = raw.view(view)
-    bad = (bits & view(mask)) == view(value)
-    return [int(i) for i in np.argwhere(bad)[0]] if bad.any() else None
+    view, mask = rule
+    bits = np.ascontiguousarray(raw).reshape(-1).view(view)  # callers pass contiguous windows: no copy
+    scratch = np.empty(min(bits.size, _CHECK_ELEMENTS), view)
+    for start in range(0, bits.size, _CHECK_ELEMENTS):
+        chunk = scratch[:min(_CHECK_ELEMENTS, bits.size - start)]
+        np.bitwise_and(bits[start:start + chunk.size], view(mask), out=chunk)
+        if chunk.max() == mask:  # some element has every masked bit set
+            at = start + int(np.argmax(chunk == mask))
+            return [int(i) for i in np.unravel_index(at, raw.shape)]
+    return None
 
 
 def non_finite_message(dtype: str) -> str:

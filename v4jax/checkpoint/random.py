@@ -37,7 +37,8 @@ def write_random_checkpoint(cfg: ModelConfig | str | Path, out_dir: str | Path, 
         config_bytes = config_text(cfg).encode()
     else:
         path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
-        config_bytes, cfg = path.read_bytes(), ModelConfig.from_json(path)
+        cfg = ModelConfig.from_json(path)  # first: it reads only a regular file
+        config_bytes = path.read_bytes()
     layout = FileLayout.published(cfg, shard_bytes)
     specs = {s.name: s for s in published_tensors(cfg)}
     shard_of = {name: shard.file for shard in layout.shards for name in shard.tensors}

@@ -12,7 +12,6 @@ keeps and each process touches only the slices it needs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import mmap
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from v4jax.errors import CheckpointError
 from v4jax.checkpoint.layout import INDEX, FileLayout, Shard, shard_file_name
 from v4jax.checkpoint.safetensors_format import NUMPY_DTYPES, read_header
-from v4jax.config import ConfigError, ModelConfig, unique_keys
+from v4jax.config import ConfigError, ModelConfig, load_json_file
 from v4jax.checkpoint.inventory import TensorSpec, config_keys_of, published_tensors, total_bytes
 
 # Files besides the weights that travel with a checkpoint through conversion and export.
@@ -82,6 +81,8 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
     root = Path(path).absolute()  # once, here: Orbax and error messages want absolute paths
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint folder")
+    if not ((root / INDEX).exists() or (root / INDEX).is_symlink()):
+        raise CheckpointError(f"{root}: not a published checkpoint folder (no {INDEX})")
     try:
         cfg = ModelConfig.from_json(root / "config.json")
     except ConfigError as e:
@@ -130,9 +131,26 @@ def read_published(path: str | Path) -> PublishedCheckpoint:
     return published
 
 
+def companion_files(folder: Path) -> list[Path]:
+    """The companion files `folder` holds, each checked to be a JSON object: a tokenizer.json that
+    is not one is refused before a conversion or export copies it, not when a prompt is encoded."""
+    present = []
+    for path in (folder / name for name in COMPANION_FILES):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            value = load_json_file(path)
+        except (OSError, ValueError) as e:  # ValueError: not a regular file, invalid UTF-8 or JSON, a key twice
+            raise CheckpointError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        present.append(path)
+    return present
+
+
 def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     try:
-        index = json.loads(index_path.read_text(), object_pairs_hook=unique_keys)
+        index = load_json_file(index_path)
     except (OSError, ValueError) as e:  # ValueError: invalid UTF-8 or JSON, a duplicate key
         raise CheckpointError(f"{index_path}: cannot read the index: {e}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -146,7 +164,8 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
 def _shard_path(root: Path, file: str, index_path: Path, name: str) -> Path:
     """The file a (checked, plain) index entry names inside the folder, followed if it is a symlink."""
     if not (root / file).is_file():
-        raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which does not exist")
+        what = "is not a regular file" if (root / file).exists() else "does not exist"
+        raise CheckpointError(f"{index_path}: tensor {name} points to {file!r}, which {what}")
     return root / file
 
 

@@ -10,10 +10,12 @@ indistinguishable from the published ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -148,8 +150,9 @@ class ShardWriter:
             self._todo[s.name] = Entry(s, offset)
             offset += s.nbytes
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.pwrite(self._fd, head, 0)
-        os.ftruncate(self._fd, offset)
+        with self._named_errors():
+            os.pwrite(self._fd, head, 0)
+            os.ftruncate(self._fd, offset)
 
     def write(self, name: str, array: np.ndarray) -> None:
         entry = self._todo.pop(name)
@@ -159,8 +162,16 @@ class ShardWriter:
                                   f"expected {spec.dtype}{list(spec.shape)}")
         view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         done = 0
-        while done < len(view):  # pwrite may write less than asked for large buffers
-            done += os.pwrite(self._fd, view[done:], entry.offset + done)
+        with self._named_errors():
+            while done < len(view):  # pwrite may write less than asked for large buffers
+                done += os.pwrite(self._fd, view[done:], entry.offset + done)
+
+    @contextlib.contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # a full disk: one line naming the file, not a traceback
+            raise CheckpointError(f"{self.path}: cannot write: {e.strerror}") from e
 
     def close(self) -> None:
         os.close(self._fd)

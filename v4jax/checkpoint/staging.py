@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from v4jax.config import load_json_file
 from v4jax.errors import CheckpointError
 
 
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 def check_absent(dst: Path) -> None:
     if dst.exists() or dst.is_symlink():
         raise CheckpointError(f"{dst}: already exists; refusing to overwrite")
+
+
+def check_outside(dst: Path, src: Path) -> None:
+    """Refuse an output folder inside the folder it is made from, which must stay untouched."""
+    inner, outer = dst.resolve(), src.resolve()
+    if inner == outer or outer in inner.parents:
+        raise CheckpointError(f"{dst}: inside the source folder {src}; write the output elsewhere")
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +60,7 @@ def clear_stale(dst: Path) -> list[Path]:
     removed = []
     for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
         try:
-            owner = json.loads((tmp / OWNER).read_text())
+            owner = load_json_file(tmp / OWNER)
             host, pid = owner["host"], int(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("%s: staging folder without a readable owner file, left alone", tmp)
@@ -89,6 +97,7 @@ def staging(dst: Path) -> Iterator[Path]:
     error it is removed, so a half-written output never appears at `dst`."""
     check_absent(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{_token()}"
+    created = [p for p in dst.parents if not p.exists()]  # folders made for dst: removed again on failure
     if is_primary():
         dst.parent.mkdir(parents=True, exist_ok=True)
         clear_stale(dst)
@@ -101,9 +110,15 @@ def staging(dst: Path) -> Iterator[Path]:
         if is_primary():
             check_absent(dst)
             (tmp / OWNER).unlink()
-            tmp.rename(dst)
+            try:
+                tmp.rename(dst)
+            except OSError as e:  # a concurrent run for the same destination finished first
+                raise CheckpointError(f"{dst}: already exists; refusing to overwrite ({e.strerror})") from None
         _sync(f"renamed {dst}")
     except BaseException:
         if is_primary():
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # innermost first; one another run has since filled stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise

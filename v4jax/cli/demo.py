@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from v4jax.cli.common import CONFIGS, UsageError, dir_to_use, positive_int, prng_seed
+from v4jax.config import ModelConfig
 
 MESH = "data=2,expert=2,tensor=2"
 PROMPT_LENGTHS = (7, 40, 150, 300)  # one ends inside the first window, one crosses two 128-groups
@@ -38,6 +39,10 @@ def add(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from v4jax.sharding import simulate_cpu_devices
 
+    limit = ModelConfig.from_json(Path(str(CONFIGS / "tiny.json"))).max_position_embeddings
+    if max(PROMPT_LENGTHS) + args.max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: prompts of up to {max(PROMPT_LENGTHS)} tokens "
+                         f"and that many more exceed the tiny model's max_position_embeddings {limit}")
     if args.workdir is not None:
         taken = [p for p in (args.workdir / "published", args.workdir / "converted") if p.exists()]
         if taken:
@@ -57,7 +62,6 @@ def run_demo(workdir: Path | None, *, max_new_tokens: int = 32, seed: int = 0) -
     from v4jax import load_pretrained
     from v4jax.cache import cache_bytes_per_token
     from v4jax.checkpoint import convert, write_random_checkpoint
-    from v4jax.config import ModelConfig
     from v4jax.generate import Generator
     from v4jax.sampling import Sampling
     from v4jax.sharding import describe, make_mesh

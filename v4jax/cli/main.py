@@ -10,6 +10,8 @@ else is a bug in v4jax and keeps its traceback; `--debug` shows the traceback of
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +24,8 @@ VERBS = (convert, export, generate, eval, lm_eval, train, demo, plan)  # each: a
 USAGE = (UsageError, MeshError, ShardingError)
 # OSErrors about a path the user named (the file types and folders it points to)
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# and the disk's (full, over quota, read-only, failing), which name no path of their own
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest  # a verb with passthrough hands these to the program it wraps (lm-eval)
+    if not args.debug:  # Orbax logs the traceback of a failed background write (a full disk) before raising it
+        logging.getLogger("absl").addFilter(lambda record: not record.exc_info)
     if (args.coordinator or args.num_processes or args.process_id is not None) and not args.distributed:
         _fail("v4jax", "--coordinator, --num-processes and --process-id go with --distributed", 2)
     try:
@@ -78,6 +84,8 @@ def exit_code(e: BaseException) -> int | None:
         return 2
     if isinstance(e, (V4jaxError, *PATH_ERRORS)):
         return 1
+    if isinstance(e, OSError) and (e.filename is not None or e.errno in DISK_ERRNOS):
+        return 1
     if isinstance(e, KeyboardInterrupt):
         return 130
     return None
@@ -86,13 +94,14 @@ def exit_code(e: BaseException) -> int | None:
 def message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _fail(prog: str, text: str, code: int):
     sys.stdout.flush()
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name's undecodable bytes, escaped
     print(f"{prog}: {text}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
