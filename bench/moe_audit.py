@@ -112,13 +112,16 @@ def abstract_model(cfg: ModelConfig):
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def _unrolled_map(f, xs, **_):
-    return jax.tree.map(lambda *ys: jnp.stack(ys), *[f(x) for x in xs])
+def _unrolled_map(f, xs, *, batch_size=None):
+    """lax.map(f, xs, batch_size=...) with its loop unrolled: f vmapped over each chunk."""
+    n, step = jax.tree.leaves(xs)[0].shape[0], batch_size or 1
+    chunks = [jax.vmap(f)(jax.tree.map(lambda a, i=i: a[i:i + step], xs)) for i in range(0, n, step)]
+    return jax.tree.map(lambda *ys: jnp.concatenate(ys), *chunks)
 
 
 def cost(fn, *args) -> dict:
-    """cost_analysis of fn's compiled program, with attention's `lax.map` over query blocks
-    unrolled: XLA counts a while loop's body once, whatever its trip count."""
+    """cost_analysis of fn's compiled program, with every `lax.map` (attention's query blocks, the
+    tiled experts' chunks) unrolled: XLA counts a while loop's body once, whatever its trip count."""
     mapped, jax.lax.map = jax.lax.map, _unrolled_map
     try:
         return jax.jit(fn).lower(*args).compile().cost_analysis()

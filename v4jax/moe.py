@@ -78,11 +78,15 @@ def tile_rows(n_assign: int, n_experts: int) -> int:
     return t
 
 
+def check_impl(impl: str | None) -> None:
+    if impl is not None and impl not in MOE_IMPLS:
+        raise ConfigError(f"moe_impl = {impl!r}: expected one of {MOE_IMPLS} or None (per backend)")
+
+
 def choose_impl(impl: str | None, n_assign: int, n_experts: int) -> str:
     """The routed-expert matmul for n_assign (token, expert) assignments over n_experts experts."""
+    check_impl(impl)
     if impl is not None:
-        if impl not in MOE_IMPLS:
-            raise ConfigError(f"moe_impl = {impl!r}: expected one of {MOE_IMPLS}")
         return impl
     if tile_rows(n_assign, n_experts) == 1:
         return "gather"
@@ -293,7 +297,7 @@ class SharedExpert(nnx.Module):
         # GEMM outputs rounded to the activation dtype, as the reference's; the SwiGLU in float32.
         h = clamped_swiglu(quant.round_to(self.w1(x, jnp.float32), x.dtype),
                            quant.round_to(self.w3(x, jnp.float32), x.dtype), self.limit)
-        return self.w2(h.astype(x.dtype))
+        return self.w2(quant.round_to(h, x.dtype))
 
 
 class Gate(nnx.Module):
@@ -309,6 +313,7 @@ class Gate(nnx.Module):
 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
+        check_impl(cfg.moe_impl)  # at construction, not first at trace time
         self.cfg = cfg
         self.gate = Gate(cfg, kind.hash_routed, rngs)
         self.experts = Experts(cfg, rngs)
@@ -337,7 +342,9 @@ class MoE(nnx.Module):
         kwargs = dict(limit=cfg.swiglu_limit, act_quant=cfg.quant_sim, impl=cfg.moe_impl)
         routed = expert_dispatch(grouped_experts, flat_x, ids.reshape(-1, ids.shape[-1]),
                                  weights.reshape(-1, ids.shape[-1]), w1, w2, w3, **kwargs)
-        out = (routed.reshape(x.shape) + self.shared_experts(x).astype(jnp.float32)).astype(x.dtype)
+        # Explicit rounding: the bf16 output feeds float32 mHC math, and under XLA's default excess
+        # precision a fusion with the routed sum (tiled, gather) would skip a plain cast's rounding.
+        out = quant.round_to(routed.reshape(x.shape) + self.shared_experts(x).astype(jnp.float32), x.dtype)
         if valid is None:
             return out
         hash_routed = hasattr(self.gate, "tid2eid")
