@@ -2,7 +2,7 @@
 a random published checkpoint loaded by both (v4jax through `load_pretrained`, HF through
 `from_pretrained` on the same tensors dequantised to float32 under their published names, which
 HF's own renaming maps onto its modules; both float32 without quantisation-aware simulation),
-and best-of-N timing."""
+and timing (best of N; median of N interleaved)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,20 @@ def best_seconds(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def median_seconds(fns: dict, reps: int) -> dict:
+    """Median seconds of each call after a warm-up, the calls interleaved rep by rep so that a shared
+    machine's changing load falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {key: float(np.median(ts)) for key, ts in times.items()}
 
 
 def load_both(cfg: ModelConfig, folder: Path):

@@ -6,11 +6,12 @@ through `from_pretrained` on the same tensors dequantised to float32 under their
 published names (HF's own renaming maps them onto its modules). Both run float32
 on the CPU without quantisation-aware simulation. The logits of one prompt are
 compared first (up to the position where a CSA query sees more compressed entries
-than the indexer keeps, and over the whole prompt); then each prefill of --lengths tokens (batch 1) is timed, best of
---reps after a warm-up (v4jax: after its compile).
+than the indexer keeps, and over the whole prompt); then each prefill of --lengths tokens (batch 1) is timed: the
+median of --reps runs after a warm-up (v4jax: after its compile), v4jax and HF interleaved (CPU timings on a
+shared machine are noisy).
 
     pip install torch==2.13.0 transformers==5.24.0
-    python bench/prefill_bench.py [--lengths 512,2048,8192] [--reps 2]
+    python bench/prefill_bench.py [--lengths 512,2048,8192] [--reps 3]
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from common import bench_config, best_seconds, load_both
+from common import bench_config, load_both, median_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     cfg = bench_config()
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,8 @@ def main() -> None:
     print(f"{'tokens':>7} {'v4jax s':>8} {'HF s':>8} {'HF/v4jax':>9}")
     for n in lengths:
         ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
-        t_ours, t_hf = best_seconds(lambda: ours(ids), args.reps), best_seconds(lambda: theirs(ids), args.reps)
+        t = median_seconds({"ours": lambda: ours(ids), "hf": lambda: theirs(ids)}, args.reps)
+        t_ours, t_hf = t["ours"], t["hf"]
         print(f"{n:>7} {t_ours:8.3f} {t_hf:8.3f} {t_hf / t_ours:9.2f}", flush=True)
 
 

@@ -16,6 +16,9 @@ is at position 9), median 4e-3, while without the quantisation steps every posit
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +27,7 @@ from flax import nnx
 
 import oracle
 from test_model import oracle_params
+from v4jax import moe
 from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.generate import Generator
@@ -87,16 +91,22 @@ def per_position(a, b):
     return np.sqrt(((a - b) ** 2).mean(-1) / (b**2).mean())
 
 
-@pytest.fixture(scope="module")
-def setup():
-    # With moe_impl "tiled" the whole-model fusion lets XLA's excess precision skip one bf16
-    # rounding elsewhere in the network (under --xla_allow_excess_precision=false "tiled" and
-    # "ragged" give identical logits; the spot is not yet found), so the fixture pins "ragged".
-    cfg = ModelConfig.from_dict(RAW, dtype="bfloat16", quant_sim=True, moe_impl="ragged")
+def designed_model(moe_impl=None):
+    """The fixture's model (default mode; moe_impl None: the backend's own) and its token ids [1, SEQ]."""
+    cfg = ModelConfig.from_dict(RAW, dtype="bfloat16", quant_sim=True, moe_impl=moe_impl)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     weights.load_flat(model, design(weights.to_flat(model), rng))
-    ids = rng.integers(0, RAW["vocab_size"], size=(1, SEQ))
+    return model, rng.integers(0, RAW["vocab_size"], size=(1, SEQ))
+
+
+def full_logits(model, ids):
+    return np.asarray(nnx.jit(lambda m, x: m.forward(x)[0])(model, jnp.asarray(ids)))[0]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, ids = designed_model()
     params = oracle_params(model)
     scores = []
     emulated = oracle.forward(RAW, params, ids, quant_sim=True, scores_out=scores, bf16=True)["logits"][0]
@@ -126,7 +136,7 @@ def test_fixture_has_wide_router_and_indexer_margins(setup):
 
 def test_default_mode_logits_match_the_bf16_emulation_in_prefill_and_decode(setup):
     model, ids, _, emulated, plain, _ = setup
-    full = np.asarray(nnx.jit(lambda m, x: m.forward(x)[0])(model, jnp.asarray(ids)))[0]
+    full = full_logits(model, ids)
     gen = Generator(model, batch_size=1, max_len=SEQ, prefill_chunk=256, min_bucket=256, quantized_cache=True)
     controls = gen.controls(Sampling(temperature=0))
     _, last, state = gen.prefill(gen.new_state(), [ids[0, :PROMPT]], controls)
@@ -144,3 +154,19 @@ def test_default_mode_logits_match_the_bf16_emulation_in_prefill_and_decode(setu
     # After it, flipped roundings spread (each FP8 step multiplies a difference about fourfold).
     assert np.median(full_err) < 0.5 * plain_err.min() and full_err.max() < plain_err.max()
     assert np.median(decode_err) < 0.5 * plain_err.min()
+
+
+
+def test_default_mode_logits_are_the_same_bits_for_every_moe_impl_and_without_excess_precision(setup, tmp_path):
+    """Each bf16 rounding is explicit (quant.round_to), so XLA's excess precision cannot elide one in
+    some impl's fusions: the MoE output cast fused with the tiled / gathered routed sum used to be
+    skipped there (1.6% logit difference against "ragged", none under --xla_allow_excess_precision=false)."""
+    model, ids, _, _, _, _ = setup
+    want = full_logits(model, ids)
+    for impl in moe.MOE_IMPLS:
+        np.testing.assert_array_equal(full_logits(*designed_model(impl)), want, err_msg=impl)
+    out = tmp_path / "logits.npy"
+    script = f"import numpy as np, test_default_mode as t; np.save({str(out)!r}, t.full_logits(*t.designed_model()))"
+    env = dict(os.environ, XLA_FLAGS="--xla_allow_excess_precision=false", PYTHONPATH="tests")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    np.testing.assert_array_equal(np.load(out), want)

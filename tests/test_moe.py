@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import oracle
 from v4jax import moe, quant
@@ -136,6 +137,12 @@ def test_tile_rows_bound_padding_and_auto_choice():
 def test_moe_impl_is_a_runtime_option():
     cfg = ModelConfig.from_json("configs/tiny.json", moe_impl="gather")
     assert cfg.moe_impl == "gather" and "moe_impl" not in cfg.to_dict()
+
+
+def test_unknown_moe_impl_fails_when_the_layer_is_built():
+    cfg = ModelConfig.from_json("configs/tiny.json", moe_impl="dense")
+    with pytest.raises(ConfigError, match="moe_impl = 'dense'"):
+        moe.MoE(cfg, cfg.layer_kind(1), nnx.Rngs(0))
 
 
 def test_decode_reads_only_the_selected_kept_quantised_experts():

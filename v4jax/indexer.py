@@ -28,8 +28,10 @@ def indexer_scores(q, k, w):
     """
     dtype = w.dtype
     dots = jnp.einsum("bqhd,bnd->bqhn", q, k, preferred_element_type=jnp.float32).astype(dtype)
-    weighted = jax.nn.relu(dots) * w[..., None]  # [batch, Tq, H_I, N]
-    return jnp.sum(weighted, axis=2, dtype=jnp.float32).astype(dtype)
+    # The head sum as a chain of adds over [batch, Tq, N] slices: XLA:CPU runs a reduce over the
+    # short head axis about 4x slower than the dots themselves (measured at 8K tokens).
+    heads = (jax.nn.relu(dots[:, :, h]) * w[:, :, h, None] for h in range(dots.shape[2]))
+    return sum(x.astype(jnp.float32) for x in heads).astype(dtype)
 
 
 def select_topk(scores, visible, k: int):
