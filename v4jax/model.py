@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from v4jax.attention import Attention, Documents, check_document_starts, document_layout, packing_multiple
@@ -17,7 +18,7 @@ from v4jax.hyper_connections import hc_head, hc_post, hc_pre
 from v4jax.linear import Linear
 from v4jax.moe import MoE
 from v4jax.norms import RMSNorm
-from v4jax.params import normal, param
+from v4jax.params import is_traced, normal, param
 from v4jax.sharding import constrain
 
 
@@ -64,14 +65,20 @@ class Block(nnx.Module):
 
 
 def stacked_blocks(cfg: ModelConfig, kind: LayerKind, reps: int, rngs: nnx.Rngs) -> Block:
-    """`reps` blocks of one kind with every parameter stacked along a leading axis."""
+    """`reps` blocks of one kind with every parameter stacked along a leading axis.
 
-    @nnx.split_rngs(splits=reps)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(r):
-        return Block(cfg, kind, r)
-
-    return make(rngs)
+    Traced (jit, eval_shape), one vmapped Block. Eager, the same blocks one by one from the
+    same split keys, stacked on the host: an eager vmap would compile every batched op per
+    shape, while a Block built eagerly reuses the few programs of `params.normal`.
+    """
+    with nnx.split_rngs(rngs, splits=reps):
+        if is_traced(rngs):
+            return nnx.vmap(lambda r: Block(cfg, kind, r), in_axes=(0,), out_axes=0)(rngs)
+        rngs_def, rngs_state = nnx.split(rngs)
+        blocks = [nnx.split(Block(cfg, kind, nnx.merge(rngs_def, jax.tree.map(lambda a: a[i], rngs_state))))
+                  for i in range(reps)]
+    stacked = jax.tree.map(lambda *a: jax.device_put(np.stack([np.asarray(x) for x in a])), *(s for _, s in blocks))
+    return nnx.merge(blocks[0][0], stacked)
 
 
 def init_hc_head(owner: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
