@@ -173,3 +173,39 @@ def test_killed_run_reruns_to_the_uninterrupted_losses_and_the_run_folder_serves
         got, trained_w = (np.asarray(weights.to_flat(m)[name]) for m in (model, restored))
         np.testing.assert_array_equal(got, np.asarray(jnp.asarray(trained_w).astype(jnp.bfloat16).astype(jnp.float32))
                                       if name == "head.weight" else trained_w)
+
+
+@pytest.mark.slow
+def test_a_step_sharded_over_fsdp_and_experts_gives_the_unsharded_parameters_and_router_bias():
+    """8 simulated devices (conftest), the training rules: FSDP x expert parallelism with the
+    micro-batches accumulated, against one unsharded whole-batch step."""
+    from v4jax import sharding as sh
+
+    cfg = two_layer_config()
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (8, 64), 0, cfg.vocab_size))
+    mask, segments = np.ones_like(ids), np.ones_like(ids)
+    segments[:, 40:] = 2
+    step = dict(mtp_weight=0.3, balance_weight=1e-2, bias_update_rate=1e-3)
+    adamw = OptimizerConfig(learning_rate=1.0, eps=1.0)  # near linear in g, as in the accumulation test
+    init = weights.to_flat(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    opt = train.make_optimizer(model, adamw)
+    want = train.train_step(model, opt, ids, mask, segments, **step)
+    want_flat = weights.to_flat(model)
+
+    mesh = sh.make_mesh("fsdp=2,expert=4")
+    sharded = sh.shard_model(Transformer(cfg, rngs=nnx.Rngs(0)), mesh, "training")
+    with sh.use_rules(mesh, "training"):
+        sharded_opt = train.make_optimizer(sharded, adamw)
+        got = train.train_step(sharded, sharded_opt, ids, mask, segments, grad_accum=2, **step)
+    w1 = sharded.layers[0][0].ffn.experts.w1.weight[...]
+    assert len({s.index for s in w1.addressable_shards}) > 1  # the experts really are split
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=2e-6)
+    for name, value in weights.to_flat(sharded).items():
+        delta_want = np.asarray(want_flat[name]) - init[name]
+        np.testing.assert_allclose(np.asarray(value) - init[name], delta_want, rtol=0,
+                                   atol=1e-4 * np.abs(delta_want).max() + 1e-9, err_msg=name)
+    for name in ("layers.1.ffn.gate.bias", "mtp.0.ffn.gate.bias"):
+        np.testing.assert_array_equal(weights.to_flat(sharded)[name], want_flat[name])
+        assert np.abs(np.asarray(want_flat[name]) - init[name]).max() == pytest.approx(1e-3)

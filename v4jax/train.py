@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.experimental import v1 as ocp
 
 from v4jax.balancing import bias_update, load_ratio
@@ -102,8 +103,16 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.P
     """The optimiser of `config` (v4jax.optim) over the variables `wrt` selects (an nnx filter:
     nnx.Param for full fine-tuning, the adapters for LoRA). The moments take their parameters'
     shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so the scalar
-    step count is on the mesh too."""
-    return nnx.Optimizer(model, make_transform(config), wrt=wrt)
+    step count is on the mesh too.
+
+    Its scalars (step counts) are committed to the parameters' devices: left uncommitted, the
+    first step sees other input shardings than every later one and compiles twice."""
+    optimizer = nnx.Optimizer(model, make_transform(config), wrt=wrt)
+    first = jax.tree.leaves(nnx.state(model, wrt))[0].sharding
+    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    state = nnx.state(optimizer)
+    nnx.update(optimizer, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
+    return optimizer
 
 
 @nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate", "grad_accum", "wrt"))
