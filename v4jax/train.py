@@ -1,10 +1,11 @@
 """Fine-tuning: next-token (+ MTP) loss, an optax step (gradient accumulation inside it), Orbax save/resume.
 
-Quantised codes, the hash table and the routing bias are not `nnx.Param`, so the
-optimiser never touches them. Rematerialisation is `cfg.remat` (each scanned block
-is recomputed in the backward pass). Optimiser state is created from the
-parameters, so it inherits their sharding: shard the model (v4jax.sharding) and
-the moments are sharded the same way.
+The step trains the variables an nnx filter `wrt` selects (nnx.Param: full fine-tuning;
+adapters for LoRA). Quantised codes, the hash table and the routing bias are not
+`nnx.Param`, so the optimiser never touches them; the bias moves only by the
+aux-loss-free rule. Rematerialisation is `cfg.remat` (each scanned block is recomputed
+in the backward pass). Optimiser state is created from the parameters, so it inherits
+their sharding: shard the model (v4jax.sharding) and the moments are sharded the same way.
 """
 
 from __future__ import annotations
