@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from orbax.checkpoint.experimental import v1 as ocp
 
 from v4jax import load_pretrained, train
 from v4jax.checkpoint import weights
@@ -210,3 +211,28 @@ def test_a_step_sharded_over_fsdp_and_experts_gives_the_unsharded_parameters_and
     for name in ("layers.1.ffn.gate.bias", "mtp.0.ffn.gate.bias"):
         np.testing.assert_array_equal(weights.to_flat(sharded)[name], want_flat[name])
         assert np.abs(np.asarray(want_flat[name]) - init[name]).max() == pytest.approx(1e-3)
+
+
+def test_checkpoints_with_wrt_save_and_restore_only_the_selected_variables_and_the_extra_json(tmp_path):
+    """What LoRA saves: the adapters (here a custom Variable type) and the optimiser over them, not
+    the base weights; the data position rides along as JSON."""
+    class Adapter(nnx.Variable):
+        pass
+
+    class Tiny(nnx.Module):
+        def __init__(self, seed):
+            self.base = nnx.Param(jnp.full((3, 4), float(seed)))
+            self.adapter = Adapter(jnp.full((4, 2), float(seed)))
+
+    model = Tiny(1)
+    opt = train.make_optimizer(model, OptimizerConfig(learning_rate=1e-2), wrt=Adapter)
+    checkpoints = train.Checkpoints(tmp_path / "run", wrt=Adapter)
+    checkpoints.save(4, model, opt, extra={"data": {"next_index": 9}})
+    restored = Tiny(2)
+    restored_opt = train.make_optimizer(restored, OptimizerConfig(learning_rate=1e-2), wrt=Adapter)
+    assert checkpoints.restore(restored, restored_opt) == 4 and checkpoints.extra(4) == {"data": {"next_index": 9}}
+    np.testing.assert_array_equal(restored.adapter[...], np.ones((4, 2)))
+    np.testing.assert_array_equal(restored.base[...], np.full((3, 4), 2.0))  # not saved, not touched
+    saved = ocp.training.Checkpointer(tmp_path / "run").metadata(4).custom_metadata["checksums"]
+    assert [k for k in saved if k.startswith("['model']")] == ["['model']['adapter']"]
+    assert any(k.startswith("['optimizer']") for k in saved)
