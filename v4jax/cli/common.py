@@ -157,8 +157,10 @@ def training_run(ckpt: Path) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a JSON file: {e}") from None
-    if not (isinstance(info, dict) and isinstance(info.get("base"), str) and info.get("dtype") in ("bfloat16", "float32")):
-        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, \"dtype\": \"bfloat16\" | \"float32\"}}")
+    if not (isinstance(info, dict) and isinstance(info.get("base"), str)
+            and info.get("dtype") in ("bfloat16", "float32")):
+        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
+                              f"\"dtype\": \"bfloat16\" | \"float32\"}}")
     if not Path(info["base"]).is_dir():
         raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
     return info
