@@ -85,7 +85,7 @@ def test_accumulated_micro_batches_equal_the_whole_batch_step_and_the_step_compi
         np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=2e-6, err_msg=key)
     for name, want in whole.items():
         step_want, step_got = np.asarray(want) - init[name], np.asarray(accumulated[name]) - init[name]
-        # (and the fp32 spacing of the weights themselves, which the differences inherit)
+        # Steps agree to 1e-4 of their size and to the fp32 spacing of the weights, which differences inherit.
         np.testing.assert_allclose(step_got, step_want, rtol=0, atol=1e-4 * np.abs(step_want).max()
                                    + 2 * np.spacing(np.abs(init[name]).max()) + 1e-9, err_msg=name)
     # The router bias moved by the same whole-batch counts in both.
