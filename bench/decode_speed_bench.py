@@ -33,7 +33,8 @@ from v4jax.generate import Generator, Request
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig
 from v4jax.sampling import Sampling
-from v4jax.train import make_optimizer, packed_batches, train_step
+from v4jax.data import pack_rows, training_batches
+from v4jax.train import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = Sampling(temperature=0)
@@ -55,11 +56,12 @@ def corpus(rng: np.random.Generator, n_docs: int, vocab: int) -> tuple[list[list
 
 def fine_tune(model, steps: int) -> tuple[float, float]:
     docs, _ = corpus(np.random.default_rng(0), 256, model.cfg.vocab_size)
-    batches = packed_batches(docs, seq_len=256, batch_size=8)
+    batches = training_batches(pack_rows([(d, [1] * len(d)) for d in docs], seq_len=256), batch_size=8)
     optimizer = make_optimizer(model, OptimizerConfig(learning_rate=3e-3, weight_decay=0.0, warmup_steps=10))
     for _ in range(steps):
-        ids, mask = next(batches)
-        metrics = train_step(model, optimizer, ids, mask, mtp_weight=1.0)
+        batch = next(batches)
+        metrics = train_step(model, optimizer, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
+                             mtp_weight=1.0)
     return float(metrics["nll"]), float(metrics["mtp_nll"])
 
 

@@ -197,7 +197,7 @@ def test_train_refuses_too_little_data_before_loading_and_writes_nothing(word_ck
     rows = jsonl(tmp_path, b'{"text": "w1 w2 w3"}\n')
     t = ["train", "--ckpt", str(word_ckpt), "--data", str(rows), "--out", str(tmp_path / "run")]
     assert fails(capsys, [*t, "--seq-len", "4", "--batch", "2"], 1) == (
-        "v4jax train: data has 4 tokens (with an EOS after each document): fewer than one batch of 2 x 4")
+        "v4jax train: data packs into 1 rows of 4 tokens: fewer than one batch of 2")  # w1 w2 w3, no EOS named
     t[2] = str(limited)
     assert fails(capsys, [*t, "--seq-len", "65"], 2) == (
         "v4jax train: --seq-len 65 exceeds the checkpoint's max_position_embeddings 64")

@@ -3,6 +3,7 @@ continuations do not; every bad record is a DataError naming file:line and the f
 
 import json
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -94,16 +95,64 @@ def test_text_without_a_tokenizer_and_a_broken_tokenizer_are_named(tmp_path):
         data.load_tokenizer(tmp_path)
 
 
-def test_packing_refuses_bad_lengths_and_too_little_data_when_called_not_at_the_first_batch():
-    from v4jax import train
+def test_training_examples_append_eos_and_mask_the_prompt(tokenizer, tmp_path):
+    path = write(tmp_path, [{"text": "a b"}, {"ids": [3, 3]}, {"prompt": "a", "completion": "b c"},
+                            {"prompt": [2], "completion": [3]}])
+    assert data.training_examples(path, tokenizer, eos_id=9) == [
+        ([BOS, 1, 2, 9], [1, 1, 1, 1]), ([3, 3, 9], [1, 1, 1]), ([BOS, 1, 2, 3, 9], [0, 0, 1, 1, 1]),
+        ([2, 3, 9], [0, 1, 1])]
+    assert data.training_examples(path, tokenizer, eos_id=None)[2] == ([BOS, 1, 2, 3], [0, 0, 1, 1])
+    for record, message in (({"prompt": "a"}, r"data\.jsonl:1: a 'prompt' record needs a 'completion'$"),
+                            ({"text": "a", "ids": [1]}, r"data\.jsonl:1: a record needs one of 'ids', 'text' or "
+                                                        r"'prompt' \+ 'completion', not 'ids' and 'text'$"),
+                            ({"completion": "a"}, r"data\.jsonl:1: a record needs one of .* found keys "
+                                                  r"\['completion'\]$"),
+                            ({"prompt": "a", "completion": []}, r"data\.jsonl:1: field 'completion': no tokens$")):
+        with pytest.raises(DataError, match=message):
+            data.training_examples(write(tmp_path, [record]), tokenizer, eos_id=9)
 
-    for seq_len, batch in ((0, 2), (1, 2), (4, 0)):
-        with pytest.raises(ValueError, match=f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch}"):
-            train.packed_batches([[1, 2, 3]], seq_len=seq_len, batch_size=batch)
-    with pytest.raises(DataError, match=r"data has 4 tokens \(with an EOS after each document\): fewer than one "
-                                        r"batch of 2 x 4$"):
-        train.packed_batches([[1, 2, 3]], seq_len=4, batch_size=2)
-    with pytest.raises(DataError, match="data has 0 tokens"):
-        train.packed_batches([[], []], seq_len=4, batch_size=1)
-    ids, _ = next(train.packed_batches([[1, 2, 3]], seq_len=2, batch_size=2, eos_id=7))
-    assert sorted(ids.reshape(-1).tolist()) == [1, 2, 3, 7]
+
+def test_pack_rows_starts_documents_at_multiples_of_128_and_splits_long_ones():
+    lengths = [130, 5, 300, 60, 60]
+    examples = [(list(range(10 * i + 1, 10 * i + 1 + n)), [i % 2] * n) for i, n in enumerate(lengths)]
+    rows = data.pack_rows(examples, seq_len=256)
+    # By hand: 130 -> row 0 (padded to 256); 5 -> row 1 at 0; 300 -> 256 (row 2) + 44 (row 3 at 0, as
+    # row 1 was closed); 60 -> row 3 at 128; 60 -> row 4 at 0.
+    want = {0: [(0, 0, 130)], 1: [(1, 0, 5)], 2: [(2, 0, 256)], 3: [(2, 256, 44), (3, 0, 60)], 4: [(4, 0, 60)]}
+    assert rows["input_ids"].shape == (5, 256) and all(v.dtype == np.int32 for v in rows.values())
+    for r, pieces in want.items():
+        seg, pos, ids, mask = (rows[k][r] for k in ("segment_ids", "positions", "input_ids", "loss_mask"))
+        expect_seg = np.zeros(256, int)
+        for s, (doc, offset, n) in enumerate(pieces, 1):
+            start = 128 * (s - 1) if r == 3 else 0
+            np.testing.assert_array_equal(ids[start:start + n], examples[doc][0][offset:offset + n])
+            np.testing.assert_array_equal(pos[start:start + n], np.arange(n))
+            np.testing.assert_array_equal(mask[start:start + n], doc % 2)
+            expect_seg[start:start + n] = s
+        np.testing.assert_array_equal(seg, expect_seg)
+        assert not mask[seg == 0].any() and not pos[seg == 0].any()
+    short = data.pack_rows([([1, 2, 3], [1, 1, 1])] * 3, seq_len=16)  # below 128: one piece per row
+    assert short["segment_ids"].tolist() == [[1] * 3 + [0] * 13] * 3
+    with pytest.raises(ValueError, match="seq_len 200 must be a multiple of 128"):
+        data.pack_rows(examples, seq_len=200)
+
+
+def test_training_batches_resume_from_a_saved_position_and_cover_every_row_each_epoch():
+    rows = data.pack_rows([([i + 1] * 3, [1] * 3) for i in range(6)], seq_len=4)
+    it = data.training_batches(rows, batch_size=2, seed=5)
+    got = [next(it) for _ in range(6)]
+    assert sorted(b["input_ids"][:, 0].tolist() for b in got[:3]) != [[1, 2], [3, 4], [5, 6]]  # shuffled
+    for epoch in (got[:3], got[3:]):
+        assert sorted(int(x) for b in epoch for x in b["input_ids"][:, 0]) == [1, 2, 3, 4, 5, 6]
+    assert [b["input_ids"][:, 0].tolist() for b in got[:3]] != [b["input_ids"][:, 0].tolist() for b in got[3:]]
+    again = data.training_batches(rows, batch_size=2, seed=5)
+    for _ in range(2):
+        next(again)
+    state = json.loads(json.dumps(again.get_state()))  # saved as JSON with a checkpoint
+    resumed = data.training_batches(rows, batch_size=2, seed=5)
+    resumed.set_state(state)
+    for want in got[2:]:
+        batch = next(resumed)
+        assert batch.keys() == want.keys() and all(np.array_equal(batch[k], want[k]) for k in want)
+    with pytest.raises(DataError, match=r"data packs into 6 rows of 4 tokens: fewer than one batch of 7$"):
+        data.training_batches(rows, batch_size=7)

@@ -1,12 +1,22 @@
 """Fine-tuning: loss goes down, only nnx.Param moves, save/resume continues exactly."""
 
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from orbax.checkpoint.experimental import v1 as ocp
 
-from v4jax import train
+from v4jax import load_pretrained, train
 from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
@@ -44,8 +54,190 @@ def test_train_steps_reduce_loss_touch_only_params_and_resume_exactly(tmp_path):
     assert float(resumed["loss"]) == float(expected["loss"])
 
 
-def test_packed_batches_cover_documents_with_eos():
-    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    ids, mask = next(train.packed_batches(docs, seq_len=4, batch_size=3))
-    assert ids.shape == (3, 4) and mask.all()
-    assert sorted(ids.reshape(-1).tolist()) == sorted([5, 6, 7, 1, 8, 9, 1, 10, 11, 12, 13, 1])
+def two_layer_config(**overrides) -> ModelConfig:
+    """configs/tiny.json cut to two layers (CSA then HCA, the first hash-routed) and the MTP block."""
+    raw = json.loads(open("configs/tiny.json").read())
+    raw.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)
+    return ModelConfig.from_dict(raw, dtype="float32", quant_sim=False, **overrides)
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_equal_the_whole_batch_step_and_the_step_compiles_once():
+    cfg = two_layer_config()
+    ids = np.asarray(jax.random.randint(jax.random.key(1), (4, 32), 0, cfg.vocab_size))
+    mask = np.ones_like(ids)
+    mask[1, :20] = 0  # unequal target counts: each micro-batch's NLL must be divided by the whole batch's
+    segments = np.ones_like(ids)
+    segments[2, 16:] = 2  # a second document: its first token is nobody's target
+    step = dict(mtp_weight=0.3, bias_update_rate=1e-3)
+    runs = []
+    for accum in (1, 2):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        # eps = 1: AdamW's first step is lr * g / (|g| + eps), near linear in g, so round-off in a
+        # near-zero gradient is not blown up to a whole lr step as with eps = 1e-8.
+        opt = train.make_optimizer(model, OptimizerConfig(learning_rate=1.0, eps=1.0))
+        metrics = train.train_step(model, opt, ids, mask, segments, grad_accum=accum, **step)
+        runs.append((weights.to_flat(model), metrics))
+    (whole, m1), (accumulated, m2) = runs
+    init = weights.to_flat(Transformer(cfg, rngs=nnx.Rngs(0)))
+    assert np.abs(np.asarray(whole["head.weight"]) - init["head.weight"]).max() > 1e-3
+    for key in ("loss", "nll", "mtp_nll", "grad_norm", "max_expert_load"):
+        np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=2e-6, err_msg=key)
+    for name, want in whole.items():
+        step_want, step_got = np.asarray(want) - init[name], np.asarray(accumulated[name]) - init[name]
+        # Steps agree to 1e-4 of their size and to the fp32 spacing of the weights, which differences inherit.
+        np.testing.assert_allclose(step_got, step_want, rtol=0, atol=1e-4 * np.abs(step_want).max()
+                                   + 2 * np.spacing(np.abs(init[name]).max()) + 1e-9, err_msg=name)
+    # The router bias moved by the same whole-batch counts in both.
+    np.testing.assert_array_equal(accumulated["layers.1.ffn.gate.bias"], whole["layers.1.ffn.gate.bias"])
+    assert not np.array_equal(whole["layers.1.ffn.gate.bias"], np.zeros_like(whole["layers.1.ffn.gate.bias"]))
+
+    # The NLL by hand (numpy log-softmax of the model's logits over the masked targets).
+    fresh = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits = np.asarray(fresh(jnp.asarray(ids)), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    target = mask[:, 1:] * (segments[:, 1:] == segments[:, :-1])
+    picked = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(m1["nll"]), -(picked * target).sum() / target.sum(), rtol=1e-5)
+
+    # Two more steps of the accumulated run reuse its program: one compile per step shape.
+    before = train.train_step.jitted_fn._cache_size()
+    for _ in range(2):
+        metrics = train.train_step(model, opt, ids, mask, segments, grad_accum=2, **step)
+    assert train.train_step.jitted_fn._cache_size() == before
+
+
+def cli(args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "v4jax.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=1200, **kwargs)
+
+
+def losses(run: Path) -> list:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_killed_run_reruns_to_the_uninterrupted_losses_and_the_run_folder_serves_every_verb(word_ckpt, tmp_path):
+    """A run SIGKILLed at a random step and rerun gives every `loss` of the uninterrupted run bit for bit
+    (model, optimiser, router biases and data position restored); that run compiles its step once and
+    its loss falls; then generate, eval and export take the run folder as --ckpt."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{3 + (i + j) % 9}" for j in range(50 + 7 * i))}) + "\n"
+                            for i in range(12)))
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_LOG_COMPILES": "1"}
+    args = ["train", "--ckpt", str(word_ckpt), "--data", str(data), "--seq-len", "128", "--batch", "4",
+            "--grad-accum", "2", "--steps", "8", "--save-every", "2", "--keep", "2", "--lr", "3e-3", "--warmup", "2",
+            "--bias-update-rate", "1e-3", "--balance-weight", "1e-4", "--dtype", "float32", "--no-quant-sim",
+            "--peak-tflops", "1"]
+    full = cli([*args, "--out", str(tmp_path / "full")], env)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert full.stderr.count("Finished XLA compilation of jit(train_step)") == 1
+    want = losses(tmp_path / "full")
+    assert len(want) == 8 and want[-1] < want[0] - 1.0
+    record = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record.keys() == {"step", "loss", "nll", "mtp_nll", "balance_loss", "lr", "grad_norm", "tokens_per_s",
+                             "mfu", "max_expert_load"}
+    assert record["step"] == 8 and record["max_expert_load"] >= 1 and record["mfu"] > 0
+    assert sorted(p.name for p in (tmp_path / "full").iterdir() if p.name.isdigit()) == ["6", "8"]  # --keep 2
+
+    run = tmp_path / "run"
+    kill_at = random.Random().randint(2, 6)
+    proc = subprocess.Popen([sys.executable, "-m", "v4jax.cli", *args, "--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 1200
+    while proc.poll() is None and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= kill_at):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    rerun = cli([*args, "--out", str(run)], env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert losses(run) == want, f"killed after step {kill_at}"
+
+    # The run folder wherever a checkpoint folder goes: its latest step, not the base weights.
+    env.pop("JAX_LOG_COMPILES")
+    scored = [cli(["eval", "--ckpt", str(ckpt), "--data", str(data), "--max-len", "128", "--dtype", "float32",
+                   "--no-quant-sim"], env) for ckpt in (run, word_ckpt)]
+    assert all(r.returncode == 0 for r in scored), scored[0].stderr[-2000:]
+    trained, base = (json.loads(r.stderr.splitlines()[-1])["perplexity"] for r in scored)  # the summary line
+    assert trained < base / 2
+    generated = cli(["generate", "--ckpt", str(run), "--ids", "3,4,5", "--max-new-tokens", "4", "--dtype",
+                     "float32", "--no-quant-sim"], env)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    exported = cli(["export", str(run), str(tmp_path / "published")], env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    model = load_pretrained(tmp_path / "published", dtype="float32", quant_sim=False)
+    restored = Transformer(two_layer_config(), rngs=nnx.Rngs(0))
+    train.Checkpoints(run).restore(restored, None)
+    # Export re-encodes the trained float32 weights to the published dtypes (bf16 here; FP8/FP4 elsewhere).
+    for name in ("head.weight", "layers.1.ffn.gate.bias"):
+        got, trained_w = (np.asarray(weights.to_flat(m)[name]) for m in (model, restored))
+        np.testing.assert_array_equal(got, np.asarray(jnp.asarray(trained_w).astype(jnp.bfloat16).astype(jnp.float32))
+                                      if name == "head.weight" else trained_w)
+
+
+@pytest.mark.slow
+def test_a_step_sharded_over_fsdp_and_experts_gives_the_unsharded_parameters_and_router_bias():
+    """8 simulated devices (conftest), the training rules: FSDP x expert parallelism with the
+    micro-batches accumulated, against one unsharded whole-batch step."""
+    from v4jax import sharding as sh
+
+    cfg = two_layer_config()
+    # Micro-batches of 8 rows: the training rules split the batch over fsdp x expert.
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (16, 64), 0, cfg.vocab_size))
+    mask, segments = np.ones_like(ids), np.ones_like(ids)
+    segments[:, 40:] = 2
+    step = dict(mtp_weight=0.3, balance_weight=1e-2, bias_update_rate=1e-3)
+    adamw = OptimizerConfig(learning_rate=1.0, eps=1.0)  # near linear in g, as in the accumulation test
+    init = weights.to_flat(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    opt = train.make_optimizer(model, adamw)
+    want = train.train_step(model, opt, ids, mask, segments, **step)
+    want_flat = weights.to_flat(model)
+
+    mesh = sh.make_mesh("fsdp=2,expert=4")
+    sharded = sh.shard_model(Transformer(cfg, rngs=nnx.Rngs(0)), mesh, "training")
+    with sh.use_rules(mesh, "training"):
+        sharded_opt = train.make_optimizer(sharded, adamw)
+        got = train.train_step(sharded, sharded_opt, ids, mask, segments, grad_accum=2, **step)
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=2e-6)
+    for name, value in weights.to_flat(sharded).items():
+        delta_want = np.asarray(want_flat[name]) - init[name]
+        # to 1e-4 of the step, and the fp32 spacing of the weights themselves, which the differences inherit
+        np.testing.assert_allclose(np.asarray(value) - init[name], delta_want, rtol=0,
+                                   atol=1e-4 * np.abs(delta_want).max() + 2 * np.spacing(np.abs(init[name]).max())
+                                   + 1e-9, err_msg=name)
+    for name in ("layers.1.ffn.gate.bias", "mtp.0.ffn.gate.bias"):
+        np.testing.assert_array_equal(weights.to_flat(sharded)[name], want_flat[name])
+        assert np.abs(np.asarray(want_flat[name]) - init[name]).max() == pytest.approx(1e-3)
+    experts = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(sharded)) if "experts" in map(str, path)
+               and "shared_experts" not in map(str, path)]
+    assert experts and all(len({str(s.index) for s in x.addressable_shards}) > 1 for x in experts)  # really split
+
+
+def test_checkpoints_with_wrt_save_and_restore_only_the_selected_variables_and_the_extra_json(tmp_path):
+    """What LoRA saves: the adapters (here a custom Variable type) and the optimiser over them, not
+    the base weights; the data position rides along as JSON."""
+    class Adapter(nnx.Variable):
+        pass
+
+    class Tiny(nnx.Module):
+        def __init__(self, seed):
+            self.base = nnx.Param(jnp.full((3, 4), float(seed)))
+            self.adapter = Adapter(jnp.full((4, 2), float(seed)))
+
+    model = Tiny(1)
+    opt = train.make_optimizer(model, OptimizerConfig(learning_rate=1e-2), wrt=Adapter)
+    checkpoints = train.Checkpoints(tmp_path / "run", wrt=Adapter)
+    checkpoints.save(4, model, opt, extra={"data": {"next_index": 9}})
+    restored = Tiny(2)
+    restored_opt = train.make_optimizer(restored, OptimizerConfig(learning_rate=1e-2), wrt=Adapter)
+    assert checkpoints.restore(restored, restored_opt) == 4 and checkpoints.extra(4) == {"data": {"next_index": 9}}
+    np.testing.assert_array_equal(restored.adapter[...], np.ones((4, 2)))
+    np.testing.assert_array_equal(restored.base[...], np.full((3, 4), 2.0))  # not saved, not touched
+    saved = ocp.training.Checkpointer(tmp_path / "run").metadata(4).custom_metadata["checksums"]
+    assert [k for k in saved if k.startswith("['model']")] == ["['model']['adapter']"]
+    assert any(k.startswith("['optimizer']") for k in saved)

@@ -1,11 +1,19 @@
-"""Token data for evaluation and fine-tuning: JSON Lines records and the checkpoint's tokenizer.
+"""Token data for evaluation and fine-tuning: JSON Lines records, the checkpoint's tokenizer, and
+packed training batches.
 
 A record carries either `ids` (a list of token ids) or `text` (encoded with the
-checkpoint's `tokenizer.json` through `tokenizers`); scoring records instead carry
-`context` and `continuation` (each a non-empty ids list or string). The file is
-UTF-8 (a byte-order mark is allowed), one JSON object per line; blank lines are
-skipped, other keys of a record are ignored. Every refusal is a DataError naming
-`file:line` and the field.
+checkpoint's `tokenizer.json` through `tokenizers`); training records may instead carry
+`prompt` and `completion` (loss on the completion only), scoring records `context` and
+`continuation` (each a non-empty ids list or string). The file is UTF-8 (a byte-order
+mark is allowed), one JSON object per line; blank lines are skipped, other keys of a
+record are ignored. Every refusal is a DataError naming `file:line` and the field.
+
+Training documents are packed into rows as the training spec recommends (§8, §10.9):
+each document starts at a multiple of `ALIGN` tokens (its padding is segment 0), so the
+row-aligned compression of every CSA/HCA layer equals the document's own; a document
+longer than a row is split into row-long pieces, each its own segment. The rows are
+served in a seeded order by Grain, reshuffled each epoch, from a position that can be
+saved and restored (`DatasetIterator.get_state` / `set_state`, a JSON-able dict).
 """
 
 from __future__ import annotations
@@ -13,10 +21,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grain
+import numpy as np
+
 from v4jax.errors import DataError
 from v4jax.tokens import check_token_ids
 
 SCORING_FIELDS = ("context", "continuation")
+# lcm of the compression ratios (4 and 128): documents start at multiples of it (spec §10.9).
+ALIGN = 128
 
 
 def load_tokenizer(ckpt: str | Path):
@@ -96,6 +109,74 @@ def documents(path: str | Path, tokenizer=None, vocab_size: int | None = None) -
         key = keys[0]
         out.append(token_ids(record[key], tokenizer, f"{path}:{line_no}: field {key!r}", vocab_size=vocab_size))
     return out
+
+
+def training_examples(path: str | Path, tokenizer, eos_id: int | None, vocab_size: int | None = None
+                      ) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of every record, `eos_id` appended (None: nothing): `ids` or `text`
+    with every token a target, `prompt` + `completion` with only the completion's tokens (and the
+    EOS) targets."""
+    eos = [] if eos_id is None else [eos_id]
+    out = []
+    for line_no, record in read_records(path):
+        keys = [k for k in ("ids", "text", "prompt") if k in record]
+        where = f"{path}:{line_no}: field"
+        if len(keys) != 1:
+            raise DataError(f"{path}:{line_no}: a record needs one of 'ids', 'text' or 'prompt' + 'completion'"
+                            + (f", not {' and '.join(map(repr, keys))}" if keys else f", found keys {sorted(record)}"))
+        if keys[0] == "prompt":
+            if "completion" not in record:
+                raise DataError(f"{path}:{line_no}: a 'prompt' record needs a 'completion'")
+            prompt = token_ids(record["prompt"], tokenizer, f"{where} 'prompt'", vocab_size=vocab_size)
+            completion = token_ids(record["completion"], tokenizer, f"{where} 'completion'", special=False,
+                                   vocab_size=vocab_size)
+            out.append((prompt + completion + eos, [0] * len(prompt) + [1] * (len(completion) + len(eos))))
+        else:
+            ids = token_ids(record[keys[0]], tokenizer, f"{where} {keys[0]!r}", vocab_size=vocab_size)
+            out.append((ids + eos, [1] * (len(ids) + len(eos))))
+    return out
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, align: int = ALIGN) -> dict[str, np.ndarray]:
+    """Examples packed in order into rows: {"input_ids", "loss_mask", "segment_ids", "positions"},
+    each [rows, seq_len] int32. segment_ids: 0 for padding, 1.. per document piece of a row;
+    positions restart at 0 with each piece. Pieces start at multiples of min(align, seq_len)."""
+    unit = min(align, seq_len)
+    if seq_len % unit:
+        raise ValueError(f"seq_len {seq_len} must be a multiple of {align} (documents start at multiples of it)")
+    pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for ids, mask in examples for i in range(0, len(ids), seq_len)]
+    rows, row, used = [], [], 0
+    for piece in pieces:
+        size = -(-len(piece[0]) // unit) * unit
+        if used + size > seq_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(piece)
+        used += size
+    if row:
+        rows.append(row)
+    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, (ids, mask) in enumerate(row, 1):
+            span = slice(at, at + len(ids))
+            out["input_ids"][r, span], out["loss_mask"][r, span] = ids, mask
+            out["segment_ids"][r, span], out["positions"][r, span] = segment, np.arange(len(ids))
+            at += -(-len(ids) // unit) * unit
+    return out
+
+
+def training_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int = 0) -> grain.DatasetIterator:
+    """Endless [batch_size, seq_len] batches (dicts as `pack_rows`) of the rows in a seeded order,
+    reshuffled each epoch; the iterator's get_state() / set_state() save and restore its position.
+    Fewer rows than one batch is a DataError."""
+    n_rows, seq_len = rows["input_ids"].shape
+    if n_rows < batch_size:
+        raise DataError(f"data packs into {n_rows} rows of {seq_len} tokens: fewer than one batch of {batch_size}")
+    source = [{k: v[i] for k, v in rows.items()} for i in range(n_rows)]
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(batch_size)
+    # Synchronous reads: the saved position is exactly the next batch the step gets.
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def scoring_requests(path: str | Path, tokenizer=None, vocab_size: int | None = None,

@@ -1,15 +1,15 @@
-"""Fine-tuning: next-token (+ MTP) loss, an optax step over nnx.Param only, Orbax save/resume.
+"""Fine-tuning: next-token (+ MTP) loss, an optax step (gradient accumulation inside it), Orbax save/resume.
 
-Quantised codes, the hash table and the routing bias are not `nnx.Param`, so the
-optimiser never touches them. Rematerialisation is `cfg.remat` (each scanned block
-is recomputed in the backward pass). Optimiser state is created from the
-parameters, so it inherits their sharding: shard the model (v4jax.sharding) and
-the moments are sharded the same way.
+The step trains the variables an nnx filter `wrt` selects (nnx.Param: full fine-tuning;
+adapters for LoRA). Quantised codes, the hash table and the routing bias are not
+`nnx.Param`, so the optimiser never touches them; the bias moves only by the
+aux-loss-free rule. Rematerialisation is `cfg.remat` (each scanned block is recomputed
+in the backward pass). Optimiser state is created from the parameters, so it inherits
+their sharding: shard the model (v4jax.sharding) and the moments are sharded the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -17,52 +17,77 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.experimental import v1 as ocp
 
 from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context
-from v4jax.errors import CheckpointError, DataError
+from v4jax.config import ModelConfig
+from v4jax.errors import CheckpointError
 from v4jax.indexer_loss import indexer_kl_loss
+from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
 
+def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, *,
+            segment_ids=None, n_targets=None, n_micro: int = 1, indexer_loss: str = "off",
+            indexer_weight: float = 0.0):
+    """NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL, plus balance_weight x the
+    sequence-wise balance loss summed over the bias-routed MoE layers, plus (indexer_loss "dense"
+    or "sparse") indexer_weight x the indexer KL (v4jax.indexer_loss) over the real tokens;
+    "dense" is the warm-up, to be differentiated for `indexer_params` only.
 
-def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, segment_ids=None,
-            indexer_loss: str = "off", indexer_weight: float = 0.0):
-    """Mean next-token NLL over loss_mask, plus mtp_weight x the MTP block's t+2 NLL, plus
-    balance_weight x the sequence-wise balance loss summed over the bias-routed MoE layers, plus
-    (indexer_loss "dense" or "sparse") indexer_weight x the indexer KL (v4jax.indexer_loss) over
-    the real tokens; "dense" is the warm-up, to be differentiated for `indexer_params` only.
-
-    input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target;
-    segment_ids: [batch, T] documents packed in the rows, 0 for padding (see Transformer.forward).
-    Returns (loss, (metrics, routing)): metrics "nll", "mtp_nll", "balance_loss",
-    "max_expert_load" (max over layers of max / mean expert load), and "indexer_loss" when it is
-    on; routing as `Transformer.forward(..., routing=True)` gives it (for the router-bias update).
+    input_ids, loss_mask: [batch, T]; loss_mask[b, t] = 1 where token t is a target.
+    segment_ids: [batch, T] (0: padding, 1.. one per packed document; see Transformer.forward):
+    a token is a target only of a predecessor in its own document (for MTP: two before it).
+    n_targets: (main, MTP) target counts the NLL sums are divided by (default: this batch's), and
+    n_micro the micro-batches whose balance losses are averaged, so that the losses of a
+    step's micro-batches add up to the loss of their whole batch.
+    Returns (loss, (metrics, routing)): metrics "nll", "mtp_nll", "balance_loss", and
+    "indexer_loss" when it is on; routing as `Transformer.forward(..., routing=True)` gives it.
     """
     logits, mtp_logits, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True, segment_ids=segment_ids,
                                                    indexer_kl=None if indexer_loss == "off" else indexer_loss)
-    mask = loss_mask[:, 1:].astype(jnp.float32)
+    mask, mtp_mask = target_masks(loss_mask, segment_ids)
+    if n_targets is None:
+        n_targets = (mask.sum(), mtp_mask.sum())
     logp, _ = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-    nll = -jnp.sum(logp * mask) / jnp.maximum(mask.sum(), 1.0)
-    layer_stats = [s for segment in routing["layers"] for s in segment]
-    layer_stats += [routing["mtp"]] if routing["mtp"] is not None else []
-    balance = sum(jnp.sum(s["balance"]) for s in layer_stats)
-    metrics = {"nll": nll, "mtp_nll": jnp.zeros(()), "balance_loss": balance,
-               "max_expert_load": jnp.max(jnp.stack([jnp.max(load_ratio(s["counts"])) for s in layer_stats]))}
+    nll = -jnp.sum(logp * mask) / jnp.maximum(n_targets[0], 1.0)
+    balance = sum(jnp.sum(s["balance"]) for s in layer_stats(routing)) / n_micro
+    metrics = {"nll": nll, "mtp_nll": jnp.zeros(()), "balance_loss": balance}
     loss = nll + balance_weight * balance
     if mtp_weight > 0:
         # MTP at position t reads token t+1 and predicts token t+2.
-        mtp_mask = loss_mask[:, 2:].astype(jnp.float32)
         mtp_logp, _ = token_logprobs(mtp_logits[:, :-2], input_ids[:, 2:])
-        metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(mtp_mask.sum(), 1.0)
+        metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(n_targets[1], 1.0)
         loss = loss + mtp_weight * metrics["mtp_nll"]
     if indexer_loss != "off":
         real = jnp.ones(input_ids.shape) if segment_ids is None else segment_ids != 0
         metrics["indexer_loss"] = indexer_kl_loss(routing.pop("indexer"), real)
         loss = loss + indexer_weight * metrics["indexer_loss"]
     return loss, (metrics, routing)
+
+
+def target_masks(loss_mask, segment_ids=None):
+    """float32 masks of the next-token targets [batch, T-1] and the MTP (t+2) targets [batch, T-2]:
+    loss_mask of the target, and with segment_ids only where the target is in its reader's document."""
+    mask, mtp_mask = loss_mask[:, 1:].astype(jnp.float32), loss_mask[:, 2:].astype(jnp.float32)
+    if segment_ids is not None:
+        mask = mask * (segment_ids[:, 1:] == segment_ids[:, :-1])
+        mtp_mask = mtp_mask * (segment_ids[:, 2:] == segment_ids[:, :-2])
+    return mask, mtp_mask
+
+
+def layer_stats(routing) -> list[dict]:
+    """The routing statistics of every MoE layer stack (and the MTP block's), in model order."""
+    stats = [s for segment in routing["layers"] for s in segment]
+    return stats + ([routing["mtp"]] if routing["mtp"] is not None else [])
+
+
+def max_expert_load(routing) -> jax.Array:
+    """Max over the MoE layers of max / mean expert load."""
+    return jnp.max(jnp.stack([jnp.max(load_ratio(s["counts"])) for s in layer_stats(routing)]))
 
 
 def update_router_biases(model, routing, rate: float) -> None:
@@ -77,81 +102,144 @@ def update_router_biases(model, routing, rate: float) -> None:
         gate.bias[...] = bias_update(gate.bias[...], routing["mtp"]["counts"], rate)
 
 
-def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Optimizer:
-    """The optimiser of `config` (v4jax.optim) over the nnx.Param leaves. The moments take their
-    parameters' shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so
-    the scalar step count is on the mesh too."""
-    return nnx.Optimizer(model, make_transform(config), wrt=nnx.Param)
+def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.Param) -> nnx.Optimizer:
+    """The optimiser of `config` (v4jax.optim) over the variables `wrt` selects (an nnx filter:
+    nnx.Param for full fine-tuning, the adapters for LoRA). The moments take their parameters'
+    shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so the scalar
+    step count is on the mesh too.
+
+    Its scalars (step counts) are committed to the parameters' devices: left uncommitted, the
+    first step sees other input shardings than every later one and compiles twice."""
+    optimizer = nnx.Optimizer(model, make_transform(config), wrt=wrt)
+    first = jax.tree.leaves(nnx.state(model, wrt))[0].sharding
+    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    state = nnx.state(optimizer)
+    nnx.update(optimizer, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
+    return optimizer
 
 
-@nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate"))
-def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0,
-               bias_update_rate: float = 0.0):
-    """One optimiser step, then the router-bias update (bias_update_rate > 0); returns the metrics of
-    the step (before the update)."""
-    grad_fn = nnx.value_and_grad(lambda m: lm_loss(m, input_ids, loss_mask, mtp_weight, balance_weight),
-                                 has_aux=True, argnums=nnx.DiffState(0, nnx.Param))
-    (loss, (metrics, routing)), grads = grad_fn(model)
+@nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate", "grad_accum", "wrt", "indexer_loss",
+                          "indexer_weight"))
+def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_weight: float = 0.0,
+               balance_weight: float = 0.0, bias_update_rate: float = 0.0, grad_accum: int = 1, wrt=nnx.Param,
+               indexer_loss: str = "off", indexer_weight: float = 0.0):
+    """One optimiser step over the variables `wrt` selects (as `make_optimizer` was given), then the
+    router-bias update (bias_update_rate > 0); returns the step's metrics (before the update).
+
+    input_ids, loss_mask, segment_ids: [grad_accum * micro, T]. The gradients and expert counts
+    of the grad_accum micro-batches (consecutive rows) are summed in a scan, each micro-batch's
+    NLL divided by the whole batch's target count: the step equals one over the whole batch
+    (the balance loss is the mean of the micro-batches' means). indexer_loss / indexer_weight as
+    `lm_loss`; for the dense warm-up pass `wrt=v4jax.indexer_loss.indexer_params` (here and to
+    `make_optimizer`), so that only the indexer trains.
+    """
+    rows, t_len = input_ids.shape
+    if rows % grad_accum:
+        raise ValueError(f"batch of {rows} rows does not split into {grad_accum} micro-batches")
+
+    def micro(x):  # [grad_accum * micro, T] -> [grad_accum, micro, T]
+        return None if x is None else x.reshape(grad_accum, rows // grad_accum, t_len)
+
+    mask, mtp_mask = target_masks(loss_mask, segment_ids)
+    n_targets = (mask.sum(), mtp_mask.sum())
+    graphdef, trainable, rest = nnx.split(model, wrt, ...)
+
+    def loss_of(trainable, ids, lmask, seg):
+        m = nnx.merge(graphdef, trainable, rest)
+        return lm_loss(m, ids, lmask, mtp_weight, balance_weight, segment_ids=seg, n_targets=n_targets,
+                       n_micro=grad_accum, indexer_loss=indexer_loss, indexer_weight=indexer_weight)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def one(xs):
+        (loss, (metrics, routing)), grads = grad_fn(trainable, *xs)
+        return grads, loss, metrics, _counts(routing)
+
+    def accumulate(total, xs):
+        return jax.tree.map(jnp.add, total, one(xs)), None
+
+    xs = (micro(input_ids), micro(loss_mask), micro(segment_ids))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, jax.tree.map(lambda x: x[0], xs)))
+    (grads, loss, metrics, counts), _ = jax.lax.scan(accumulate, zeros, xs)
+    routing = {"layers": [[{"counts": c} for c in segment] for segment in counts["layers"]],
+               "mtp": None if counts["mtp"] is None else {"counts": counts["mtp"]}}
     optimizer.update(model, grads)
     if bias_update_rate:
         update_router_biases(model, routing, bias_update_rate)
-    return {"loss": loss, **metrics}
+    return {"loss": loss, **metrics, "max_expert_load": max_expert_load(routing),
+            "grad_norm": optax.tree.norm(grads)}
 
 
-def packed_batches(documents: Sequence[Sequence[int]], seq_len: int, batch_size: int, seed: int = 0,
-                   eos_id: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless shuffled batches of documents packed into [batch, seq_len] rows (EOS between them).
-
-    The documents are packed (and refused if they fill less than one batch) when this is
-    called, not at the first batch, so bad data fails before any training step runs.
-    """
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
-    documents = [d for d in documents if len(d)]
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), eos_id) for d in documents]) if documents else []
-    n_rows = len(stream) // seq_len
-    if n_rows < batch_size:
-        raise DataError(f"data has {len(stream)} tokens (with an EOS after each document): fewer than one batch "
-                        f"of {batch_size} x {seq_len}")
-    rows = stream[:n_rows * seq_len].reshape(n_rows, seq_len)
-    return _shuffled(rows, batch_size, np.random.default_rng(seed))
+def _counts(routing) -> dict:
+    """The expert counts of `routing` (what the micro-batches of a step sum)."""
+    return {"layers": [[s["counts"] for s in segment] for segment in routing["layers"]],
+            "mtp": None if routing["mtp"] is None else routing["mtp"]["counts"]}
 
 
-def _shuffled(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """rows: [n_rows, seq_len] -> endless [batch, seq_len] batches, each epoch in a new random order."""
-    while True:
-        order = rng.permutation(len(rows))
-        for i in range(0, len(rows) - batch_size + 1, batch_size):
-            batch = rows[order[i:i + batch_size]]
-            yield batch, np.ones_like(batch)
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> float:
+    """Training FLOPs per token as PaLM and MaxText count them for MFU: 6 x the parameters a token
+    multiplies (routed experts: k of E; the embedding is a lookup; the MTP block if trained) plus
+    6 x the attention multiply-adds (query . key and probability . value over the keys each query
+    sees: its window, the compressed entries, CSA's top-k, and the indexer's scores), averaged over
+    the positions of a seq_len row."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    active = 0.0
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(map(str, path))
+        if name.startswith("embed.") or (name.startswith("mtp.") and not mtp):
+            continue
+        routed = ".experts." in name  # not shared_experts
+        active += var.get_value().size * (cfg.num_experts_per_tok / cfg.n_routed_experts if routed else 1)
+    p = np.arange(1, seq_len + 1, dtype=np.float64)  # keys up to and including each position
+    ratios = cfg.compress_ratios[:cfg.num_hidden_layers] + (cfg.compress_ratios[-1:] if mtp else [])
+    attention = 0.0
+    for m in ratios:
+        keys = np.minimum(p, cfg.sliding_window)
+        if m:
+            entries = p // m
+            keys = keys + (np.minimum(entries, cfg.index_topk) if m == 4 else entries)
+            if m == 4:
+                attention += cfg.index_n_heads * cfg.index_head_dim * entries.mean()
+        attention += 2 * cfg.num_attention_heads * cfg.head_dim * keys.mean()
+    return 6.0 * (active + attention)
 
 
 class Checkpoints:
     """Orbax save/resume of (model, optimiser) state, one step folder per save (Orbax's v1 training
-    Checkpointer, the API the converter uses too). Each save is atomic (Orbax finalises a step
-    only once every array is written) and records a checksum per leaf, verified on restore, so
-    a damaged step is a CheckpointError naming the leaf."""
+    Checkpointer, the API the converter uses too), the last `max_to_keep` kept. Each save is atomic
+    (Orbax finalises a step only once every array is written) and records a checksum per leaf,
+    verified on restore, so a damaged step is a CheckpointError naming the leaf.
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+    `wrt` (an nnx filter) saves only the model variables it selects (e.g. LoRA adapters: the base
+    weights come from the base checkpoint); None saves the whole model state, router biases too.
+    `extra` is JSON saved with a step (the data loader's position)."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, wrt=None):
         self.directory = Path(directory).absolute()  # Orbax wants absolute paths
+        self.wrt = wrt
         self._checkpointer = ocp.training.Checkpointer(
             self.directory, context=orbax_context(), preservation_policy=ocp.training.preservation_policies.LatestN(max_to_keep))
 
-    def save(self, step: int, model, optimizer) -> None:
-        state = _pure_state(model, optimizer)
+    def save(self, step: int, model, optimizer, extra: dict | None = None) -> None:
+        state = self._pure_state(model, optimizer)
         sums = checksum.finish(checksum.start(_by_path(state)))
-        self._checkpointer.save(step, state, custom_metadata={"checksums": sums})
+        self._checkpointer.save(step, state, custom_metadata={"checksums": sums, "extra": extra or {}})
 
     def latest_step(self) -> int | None:
         latest = self._checkpointer.latest
         return None if latest is None else latest.step
 
+    def extra(self, step: int) -> dict:
+        """The `extra` JSON saved with `step`."""
+        return self._checkpointer.metadata(step).custom_metadata.get("extra", {})
+
     def restore(self, model, optimizer, step: int | None = None) -> int:
-        """Restore into `model` and `optimizer` in place, onto their current shardings."""
+        """Restore into `model` and `optimizer` (None: the model alone) in place, onto their current
+        shardings; returns the step restored (default: the latest)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to resume from")
-        target = _pure_state(model, optimizer)
+        target = self._pure_state(model, optimizer)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
         source = f"{self.directory} step {step}"
         try:
@@ -162,14 +250,20 @@ class Checkpoints:
                                   f"{(str(e).strip().splitlines() or [''])[0][:300]}") from e
         checksum.verify(source, _by_path(restored), recorded)
         for obj, part in ((model, "model"), (optimizer, "optimizer")):
-            state = nnx.state(obj)
-            nnx.replace_by_pure_dict(state, restored[part])
-            nnx.update(obj, state)
+            if part in restored:
+                state = self._state(obj) if part == "model" else nnx.state(obj)
+                nnx.replace_by_pure_dict(state, restored[part])
+                nnx.update(obj, state)
         return step
 
+    def _state(self, model):
+        return nnx.state(model) if self.wrt is None else nnx.state(model, self.wrt)
 
-def _pure_state(model, optimizer) -> dict:
-    return {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+    def _pure_state(self, model, optimizer) -> dict:
+        state = {"model": nnx.to_pure_dict(self._state(model))}
+        if optimizer is not None:
+            state["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer))
+        return state
 
 
 def _by_path(tree) -> dict[str, jax.Array]:

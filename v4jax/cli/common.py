@@ -1,6 +1,10 @@
 """What every verb shares: argument types that refuse bad values at parse time, user paths made
 absolute once, the cheap checks of a checkpoint folder, and loading a model onto a mesh.
 
+Wherever a checkpoint folder is accepted, a `v4jax train` run folder is too: its `run.json`
+names the base checkpoint (config, tokenizer and the weights nothing trained), and the model
+is the base with the run's latest step restored over it (`load_model`, `checkpoint_config`).
+
 An argument type raises `argparse.ArgumentTypeError`, which the parser turns into the one-line
 `v4jax VERB: argument --name: ...` usage error (exit 2).
 """
@@ -20,6 +24,7 @@ from v4jax.errors import CheckpointError, V4jaxError
 
 CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
 PUBLISHED_INDEX = "model.safetensors.index.json"
+RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
 
 
 class UsageError(V4jaxError):
@@ -143,10 +148,32 @@ def _check_ancestors(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def training_run(ckpt: Path) -> dict | None:
+    """The run.json of a training run folder ({"base", "dtype"}); None for any other folder."""
+    path = ckpt / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("base"), str)
+            and info.get("dtype") in ("bfloat16", "float32")):
+        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
+                              f"\"dtype\": \"bfloat16\" | \"float32\"}}")
+    if not Path(info["base"]).is_dir():
+        raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
+    return info
+
+
 def checkpoint_config(ckpt: Path) -> ModelConfig:
-    """The config of a published or converted checkpoint folder, read without its weights."""
+    """The config of a published or converted checkpoint folder, or of a training run's base, read
+    without its weights."""
     from v4jax.checkpoint import converted_config
 
+    run = training_run(ckpt)
+    if run is not None:
+        return checkpoint_config(Path(run["base"])).replace(dtype=run["dtype"])
     if (ckpt / PUBLISHED_INDEX).is_file():
         return ModelConfig.from_json(ckpt / "config.json")
     try:
@@ -207,9 +234,31 @@ def data_parallel_size(mesh, rules: str = "inference") -> int:
 def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, *, dtype: str | None = None,
                quant_sim: bool = True):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
-    under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`."""
+    under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`.
+    A training run folder gives its base with the run's latest step restored (in the run's dtype)."""
     from v4jax import load_pretrained
     from v4jax.sharding import use_rules
+    from v4jax.train import Checkpoints
 
-    model = load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
-    return model, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    run = training_run(ckpt)
+    if run is not None and dtype not in (None, run["dtype"]):
+        raise UsageError(f"--ckpt {ckpt}: a training run in {run['dtype']}, not --dtype {dtype}")
+    base = Path(run["base"]) if run is not None else ckpt
+    model = load_pretrained(base, mesh=mesh, rules=rules, dtype=run["dtype"] if run else dtype, quant_sim=quant_sim,
+                            remat=remat)
+    on_mesh = use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    if run is not None:
+        with on_mesh:
+            Checkpoints(ckpt).restore(model, None)
+    return model, on_mesh
+
+
+def export_source(src: Path):
+    """(source, cfg) for `v4jax.checkpoint.export`: a converted folder as itself (cfg None); a
+    training run as its model's flat weights and config, re-encoded to the published layout."""
+    if training_run(src) is None:
+        return src, None
+    from v4jax.checkpoint import weights
+
+    model, _ = load_model(src, None)
+    return weights.to_flat(model), model.cfg
