@@ -152,7 +152,10 @@ class Attention(nnx.Module):
 
         o = self._attend_blocks(q, positions, win_kv, win_pos, cache, index_q, index_w)
         o = apply_rope(o.astype(x.dtype), positions[..., None], inv_freq, inverse=True)
-        return self.wo_b(grouped_out_proj(o, self.wo_a.weight[...], x.dtype)), cache.arrays
+        wo_a = self.wo_a.weight[...]
+        if hasattr(self.wo_a, "lora"):  # a LoRA adapter per group (v4jax.lora)
+            wo_a = self.wo_a.lora.adapt(wo_a)
+        return self.wo_b(grouped_out_proj(o, wo_a, x.dtype)), cache.arrays
 
     def _attend_blocks(self, q, positions, win_kv, win_pos, cache: LayerCache, index_q, index_w):
         """Attention in query blocks of up to W tokens, so memory stays linear in T.

@@ -1,0 +1,158 @@
+"""LoRA adapters (v4jax.lora): exact no-op at init, one adapted projection against numpy,
+adapter gradients over a quantised base vs the same base dequantised, the merged model,
+and an adapter step on 8 simulated devices vs one."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax import lora, placement
+from v4jax import sharding as sh
+from v4jax.checkpoint import weights
+from v4jax.config import ModelConfig
+from v4jax.errors import ConfigError
+from v4jax.linear import Linear
+from v4jax.model import Transformer
+from v4jax.moe import ExpertWeights
+from v4jax.train import lm_loss, make_optimizer, train_step
+
+RAW = json.load(open("configs/tiny.json"))
+RAW.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)  # CSA + HCA, hash + bias
+CFG = ModelConfig.from_dict(RAW).replace(dtype="float32", quant_sim=False)
+QCFG = CFG.replace(quantized=True)  # FP8 codes + scales, FP4 experts
+LORA = lora.LoRAConfig(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + ("indexer.*",))
+IDS = np.asarray(jax.random.randint(jax.random.key(1), (2, 24), 0, CFG.vocab_size))
+
+
+def randomise_b(model, seed=3):
+    """Non-zero B everywhere, so the adapters change the output (fresh B is zero)."""
+    for i, (_, m) in enumerate(lora.adapted_modules(model)):
+        b = m.lora.b
+        b.set_value(0.05 * jax.random.normal(jax.random.key(seed + i), b.get_value().shape, b.get_value().dtype))
+
+
+def np_dequant_fp8(codes, scale):
+    """E4M3 codes [o, i] times their [o/128, i/128] block scales, blockwise in numpy."""
+    c = np.asarray(codes).astype(np.float32)
+    s = np.repeat(np.repeat(np.asarray(scale, np.float32), 128, 0), 128, 1)[:c.shape[0], :c.shape[1]]
+    return c * s
+
+
+def np_dequant_fp4(packed, scale):
+    """Packed E2M1 pairs [.., o, i/2] (low nibble first) times [.., o, i/32] scales."""
+    p = np.asarray(packed).view(np.uint8)
+    nib = np.stack([p & 15, p >> 4], -1).reshape(*p.shape[:-1], -1)
+    mag = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)[nib & 7]
+    return np.where(nib & 8, -mag, mag) * np.repeat(np.asarray(scale, np.float32), 32, -1)
+
+
+jit_logits = jax.jit(lambda m, x: m(x))
+
+
+@pytest.mark.slow
+def test_fresh_adapters_leave_logits_bit_identical():
+    model = Transformer(QCFG, rngs=nnx.Rngs(0))
+    before = np.asarray(jit_logits(model, IDS))
+    names = lora.apply_lora(model, LORA, jax.random.key(0))
+    assert any(n.endswith("attn.wo_a") for n in names) and any(n.endswith("experts.w2") for n in names)
+    assert any(n.endswith("indexer.wq_b") for n in names) and not any("compressor" in n for n in names)
+    np.testing.assert_array_equal(np.asarray(jit_logits(model, IDS)), before)
+
+
+def test_adapted_projections_match_numpy():
+    """One FP8 linear (factored term) and one FP4 expert stack (folded term) against numpy."""
+    rngs = nnx.Rngs(0)
+    lin = Linear(128, 256, QCFG, rngs, ("mlp", "embed"), fp8=True)
+    experts = ExpertWeights(QCFG, 3, 64, 128, rngs, ("exp", "mlp_moe", "embed_moe"))
+    cfg = lora.LoRAConfig(rank=4, alpha=2.0)
+    for i, m in enumerate((lin, experts)):
+        m.lora = lora.adapter_for(m, cfg, jnp.float32, jax.random.key(i))
+        m.lora.b.set_value(jax.random.normal(jax.random.key(10 + i), m.lora.b.get_value().shape))
+    x = np.asarray(jax.random.normal(jax.random.key(5), (5, 128)))
+    a, b = np.asarray(lin.lora.a[...]), np.asarray(lin.lora.b[...])
+    want = x @ np_dequant_fp8(lin.weight[...], lin.scale[...]).T + 0.5 * (x @ a.T) @ b.T
+    np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), want, rtol=2e-5, atol=2e-5)
+    a, b = np.asarray(experts.lora.a[...]), np.asarray(experts.lora.b[...])
+    want = np_dequant_fp4(experts.weight[...], experts.scale[...]) + 0.5 * np.einsum("eor,eri->eoi", b, a)
+    np.testing.assert_allclose(np.asarray(experts.operand()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_or_unhooked_targets_raise():
+    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match="'attn.wq_c': matches no module"):
+        lora.target_modules(model, ("attn.wq_c",))
+    with pytest.raises(ConfigError, match="compressor.wkv has no adapter hook"):
+        lora.target_modules(model, ("compressor.wkv",))
+
+
+def dequantised_copy(qmodel):
+    """The same model with every kept-quantised weight decoded to float32 (numpy), adapters copied."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    lora.apply_lora(model, LORA, jax.random.key(0))
+    flat = {k: np.asarray(v) for k, v in weights.to_flat(qmodel).items()}
+    for name in list(flat):
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "weight" and f"{owner}.scale" in flat:
+            w, s = flat[name], flat.pop(f"{owner}.scale")
+            flat[name] = np_dequant_fp4(w, s) if w.dtype == np.int8 else np.stack(
+                [np_dequant_fp8(wi, si) for wi, si in zip(w.reshape(-1, *w.shape[-2:]), s.reshape(-1, *s.shape[-2:]))]
+            ).reshape(*w.shape[:-2], *w.shape[-2:])
+    weights.load_flat(model, {k: jnp.asarray(v) for k, v in flat.items()})
+    return model
+
+
+def adapter_grads(model):
+    grad_fn = nnx.grad(lambda m: lm_loss(m, IDS, np.ones_like(IDS))[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grad_fn(model))}
+
+
+@pytest.mark.slow
+def test_adapter_grads_over_quantised_base_equal_dequantised_base_and_merge_matches():
+    qmodel = Transformer(QCFG, rngs=nnx.Rngs(0))
+    lora.apply_lora(qmodel, LORA, jax.random.key(0))
+    randomise_b(qmodel)
+    dmodel = dequantised_copy(qmodel)
+    gq, gd = adapter_grads(qmodel), adapter_grads(dmodel)
+    assert gq.keys() == gd.keys() and len(gq) == 2 * len(lora.adapted_modules(qmodel))
+    assert all(k.endswith((".a", ".b")) for k in gq)
+    for k in gq:
+        # The indexer only selects entries (no gradient reaches it but through the indexer loss).
+        assert ".indexer." in k or np.abs(gq[k]).max() > 0, k
+        np.testing.assert_allclose(gq[k], gd[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # The merged model (adapters folded into dequantised float32 weights) gives the adapted logits.
+    merged = Transformer(CFG, rngs=nnx.Rngs(1))
+    weights.load_flat(merged, lora.merged_flat(qmodel))
+    adapted = np.asarray(jit_logits(qmodel, IDS))
+    assert np.abs(adapted - np.asarray(jit_logits(Transformer(QCFG, rngs=nnx.Rngs(0)), IDS))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(jit_logits(merged, IDS)), adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_adapter_step_on_8_devices_equals_one_device():
+    """fsdp=2 x expert=4 (training rules): the adapters are sharded with their base dims and experts."""
+    def build():
+        model = Transformer(QCFG, rngs=nnx.Rngs(0))
+        lora.apply_lora(model, LORA, jax.random.key(0))
+        randomise_b(model)
+        return model
+
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (8, 24), 0, CFG.vocab_size))
+    ref = build()
+    opt = make_optimizer(ref, wrt=nnx.LoRAParam)
+    ref_metrics = train_step(ref, opt, ids, np.ones_like(ids), wrt=nnx.LoRAParam)
+    mesh = sh.make_mesh("fsdp=2,expert=4")
+    model = build()
+    placement.shard_model(model, mesh, "training")
+    experts_b = next(m for n, m in lora.adapted_modules(model) if n.endswith("experts.w1")).lora.b.get_value()
+    assert experts_b.sharding.spec[1] == "expert"  # [layers, E, out, r]
+    with sh.use_rules(mesh, "training"):
+        opt = make_optimizer(model, wrt=nnx.LoRAParam)
+        metrics = train_step(model, opt, ids, np.ones_like(ids), wrt=nnx.LoRAParam)
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-6)
+    want, got = weights.to_flat(ref), weights.to_flat(model)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5, atol=1e-6, err_msg=k)
