@@ -67,20 +67,21 @@ def update_router_biases(model, routing, rate: float) -> None:
         gate.bias[...] = bias_update(gate.bias[...], routing["mtp"]["counts"], rate)
 
 
-def make_optimizer(model, config: OptimizerConfig = OptimizerConfig()) -> nnx.Optimizer:
-    """The optimiser of `config` (v4jax.optim) over the nnx.Param leaves. The moments take their
+def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.Param) -> nnx.Optimizer:
+    """The optimiser of `config` (v4jax.optim) over the `wrt` leaves (nnx.Param: all trained
+    parameters; nnx.LoRAParam: only LoRA adapters, v4jax.lora). The moments take their
     parameters' shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so
     the scalar step count is on the mesh too."""
-    return nnx.Optimizer(model, make_transform(config), wrt=nnx.Param)
+    return nnx.Optimizer(model, make_transform(config), wrt=wrt)
 
 
-@nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate"))
+@nnx.jit(static_argnames=("mtp_weight", "balance_weight", "bias_update_rate", "wrt"))
 def train_step(model, optimizer, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0,
-               bias_update_rate: float = 0.0):
-    """One optimiser step, then the router-bias update (bias_update_rate > 0); returns the metrics of
-    the step (before the update)."""
+               bias_update_rate: float = 0.0, wrt=nnx.Param):
+    """One optimiser step over the `wrt` leaves (as the optimiser was made), then the router-bias
+    update (bias_update_rate > 0); returns the metrics of the step (before the update)."""
     grad_fn = nnx.value_and_grad(lambda m: lm_loss(m, input_ids, loss_mask, mtp_weight, balance_weight),
-                                 has_aux=True, argnums=nnx.DiffState(0, nnx.Param))
+                                 has_aux=True, argnums=nnx.DiffState(0, wrt))
     (loss, (metrics, routing)), grads = grad_fn(model)
     optimizer.update(model, grads)
     if bias_update_rate:
@@ -120,15 +121,17 @@ class Checkpoints:
     """Orbax save/resume of (model, optimiser) state, one step folder per save (Orbax's v1 training
     Checkpointer, the API the converter uses too). Each save is atomic (Orbax finalises a step
     only once every array is written) and records a checksum per leaf, verified on restore, so
-    a damaged step is a CheckpointError naming the leaf."""
+    a damaged step is a CheckpointError naming the leaf. With `wrt` (e.g. nnx.LoRAParam) only
+    those model leaves are saved and restored: the rest comes from the base checkpoint."""
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, wrt=...):
         self.directory = Path(directory).absolute()  # Orbax wants absolute paths
+        self.wrt = wrt
         self._checkpointer = ocp.training.Checkpointer(
             self.directory, context=orbax_context(), preservation_policy=ocp.training.preservation_policies.LatestN(max_to_keep))
 
     def save(self, step: int, model, optimizer) -> None:
-        state = _pure_state(model, optimizer)
+        state = _pure_state(model, optimizer, self.wrt)
         sums = checksum.finish(checksum.start(_by_path(state)))
         self._checkpointer.save(step, state, custom_metadata={"checksums": sums})
 
@@ -141,7 +144,7 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to resume from")
-        target = _pure_state(model, optimizer)
+        target = _pure_state(model, optimizer, self.wrt)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
         source = f"{self.directory} step {step}"
         try:
@@ -151,15 +154,15 @@ class Checkpoints:
             raise CheckpointError(f"{source}: cannot restore: {type(e).__name__}: "
                                   f"{(str(e).strip().splitlines() or [''])[0][:300]}") from e
         checksum.verify(source, _by_path(restored), recorded)
-        for obj, part in ((model, "model"), (optimizer, "optimizer")):
-            state = nnx.state(obj)
+        for obj, part, wrt in ((model, "model", self.wrt), (optimizer, "optimizer", ...)):
+            state = nnx.state(obj, wrt)
             nnx.replace_by_pure_dict(state, restored[part])
             nnx.update(obj, state)
         return step
 
 
-def _pure_state(model, optimizer) -> dict:
-    return {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+def _pure_state(model, optimizer, wrt) -> dict:
+    return {"model": nnx.to_pure_dict(nnx.state(model, wrt)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
 
 
 def _by_path(tree) -> dict[str, jax.Array]:
