@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import lora, placement
+from v4jax import lora, lora_export
 from v4jax import sharding as sh
 from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
@@ -18,6 +18,7 @@ from v4jax.errors import ConfigError
 from v4jax.linear import Linear
 from v4jax.model import Transformer
 from v4jax.moe import ExpertWeights
+from v4jax import train
 from v4jax.train import lm_loss, make_optimizer, train_step
 
 RAW = json.load(open("configs/tiny.json"))
@@ -106,7 +107,7 @@ def dequantised_copy(qmodel):
 
 
 def adapter_grads(model):
-    grad_fn = nnx.grad(lambda m: lm_loss(m, IDS, np.ones_like(IDS))[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
+    grad_fn = nnx.grad(lambda m: lm_loss(m, IDS, np.ones_like(IDS), mtp_weight=0.3)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grad_fn(model))}
 
 
@@ -125,7 +126,7 @@ def test_adapter_grads_over_quantised_base_equal_dequantised_base_and_merge_matc
         np.testing.assert_allclose(gq[k], gd[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # The merged model (adapters folded into dequantised float32 weights) gives the adapted logits.
     merged = Transformer(CFG, rngs=nnx.Rngs(1))
-    weights.load_flat(merged, lora.merged_flat(qmodel))
+    weights.load_flat(merged, lora_export.merged_flat(qmodel)[0])
     adapted = np.asarray(jit_logits(qmodel, IDS))
     assert np.abs(adapted - np.asarray(jit_logits(Transformer(QCFG, rngs=nnx.Rngs(0)), IDS))).max() > 1e-3
     np.testing.assert_allclose(np.asarray(jit_logits(merged, IDS)), adapted, rtol=1e-4, atol=1e-4)
@@ -146,7 +147,7 @@ def test_adapter_step_on_8_devices_equals_one_device():
     ref_metrics = train_step(ref, opt, ids, np.ones_like(ids), wrt=nnx.LoRAParam)
     mesh = sh.make_mesh("fsdp=2,expert=4")
     model = build()
-    placement.shard_model(model, mesh, "training")
+    sh.shard_model(model, mesh, "training")
     experts_b = next(m for n, m in lora.adapted_modules(model) if n.endswith("experts.w1")).lora.b.get_value()
     assert experts_b.sharding.spec[1] == "expert"  # [layers, E, out, r]
     with sh.use_rules(mesh, "training"):
@@ -156,3 +157,68 @@ def test_adapter_step_on_8_devices_equals_one_device():
     want, got = weights.to_flat(ref), weights.to_flat(model)
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_cli_lora_train_resumes_saves_only_adapters_and_merge_gives_adapted_logits(word_ckpt, tmp_path, capsys):
+    from v4jax import cli, load_pretrained
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * i + 3 * j) % 500}" for j in range(60))}) + "\n"
+                            for i in range(3)))
+    run = tmp_path / "run"
+    common = ["train", "--ckpt", str(word_ckpt), "--data", str(data), "--out", str(run), "--seq-len", "16",
+              "--batch", "4", "--lr", "1e-2", "--save-every", "2", "--dtype", "float32", "--no-quant-sim",
+              "--lora-rank", "4", "--lora-alpha", "8"]
+    cli.main(common + ["--steps", "2"])
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["step 1", "step 2"]
+    cli.main(common + ["--steps", "3"])
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["step 3"]
+    model = load_pretrained(word_ckpt, dtype="float32", quant_sim=False)
+    full = 3 * 4 * sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))  # f32 params + 2 moments
+    lora.apply_lora(model, lora.LoRAConfig(4, 8.0), jax.random.key(0))
+    adapters = 3 * 4 * sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    saved = sum(f.stat().st_size for f in (run / "3").rglob("*") if f.is_file())
+    assert adapters < saved < adapters + 2**18 < full / 4, (adapters, saved, full)  # adapters and moments only
+
+    train.Checkpoints(run, wrt=nnx.LoRAParam).restore(model, make_optimizer(model, wrt=nnx.LoRAParam))
+    ids = np.asarray(jax.random.randint(jax.random.key(4), (2, 20), 0, 512))
+    adapted = np.asarray(jit_logits(model, ids))
+
+    cli.main(["merge", "--base", str(word_ckpt), "--adapter", str(run), str(tmp_path / "merged")])
+    printed = capsys.readouterr().out
+    assert "re-encoding error attn.wq_a:" in printed and "re-encoding error ffn.experts.w1:" in printed
+    merged = load_pretrained(tmp_path / "merged", quant_sim=False)
+    np.testing.assert_allclose(np.asarray(jit_logits(merged, ids)), adapted, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):  # never over an existing output
+        cli.main(["merge", "--base", str(word_ckpt), "--adapter", str(run), str(tmp_path / "merged")])
+    cli.main(["export", str(tmp_path / "merged"), str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "model.safetensors.index.json").is_file()
+    cli.main(["merge", "--base", str(word_ckpt), "--adapter", str(run), "--peft", str(tmp_path / "peft")])
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+
+
+@pytest.mark.slow
+def test_peft_export_loads_onto_hf_port_with_the_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import float_copy
+    from v4jax import load_pretrained
+    from v4jax.checkpoint import write_random_checkpoint
+
+    published = write_random_checkpoint(ModelConfig.from_dict(RAW), tmp_path / "published")
+    model = load_pretrained(published, dtype="float32", quant_sim=False)
+    lora.apply_lora(model, LORA, jax.random.key(0))
+    randomise_b(model)
+    lora_export.write_peft(model, tmp_path / "peft")
+    hf = AutoModelForCausalLM.from_pretrained(float_copy(published, tmp_path / "float"), dtype=torch.float32).eval()
+    ids = IDS[:1]
+    with torch.no_grad():
+        base_hf = hf(torch.as_tensor(ids)).logits.numpy()
+        tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+        tuned_hf = tuned(torch.as_tensor(ids)).logits.numpy()
+    adapted = np.asarray(jit_logits(model, ids))
+    assert np.abs(adapted - base_hf).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(tuned_hf, adapted, rtol=2e-4, atol=2e-4)

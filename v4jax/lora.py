@@ -28,7 +28,6 @@ from flax import nnx
 
 from v4jax import quant
 from v4jax.attention import GroupedWeight
-from v4jax.checkpoint import weights
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
 from v4jax.moe import ExpertWeights
@@ -160,23 +159,3 @@ def adapter_for(module, lora: LoRAConfig, dtype, key) -> Adapter:
 def adapted_modules(model) -> list[tuple[str, nnx.Module]]:
     return [(".".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if hasattr(m, "lora")]
 
-
-def merged_flat(model) -> dict[str, jax.Array]:
-    """The model-layout dict (v4jax.checkpoint.weights) of `model` with every adapter folded in and
-    no adapter leaves: adapted weights dequantised to float32 (W + scale * B A); every other leaf as
-    the model holds it, kept-quantised weights decoded to float32 beside their scales (the
-    dequantised layout a converted checkpoint stores)."""
-    flat = weights.to_flat(model)
-    scale = next((m.lora.scale for _, m in adapted_modules(model)), 1.0)  # one LoRAConfig per model
-    out = {}
-    for name, value in flat.items():
-        owner, _, leaf = name.rpartition(".")
-        if owner.endswith(".lora"):
-            continue
-        if leaf == "weight" and f"{owner}.scale" in flat:
-            value = quant.dequant(value, flat[f"{owner}.scale"], jnp.float32)
-        if leaf == "weight" and f"{owner}.lora.a" in flat:
-            value = value.astype(jnp.float32) + low_rank(flat[f"{owner}.lora.a"], flat[f"{owner}.lora.b"],
-                                                         scale, jnp.float32)
-        out[name] = value
-    return out

@@ -24,6 +24,7 @@ from v4jax.cli.common import (
     positive_float,
     positive_int,
 )
+from v4jax.cli.merge import add_adapters, add_lora_options
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--mesh", help='e.g. "fsdp=4,expert=2" (default: one device)')
     add_model_options(p)
+    add_lora_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -75,11 +77,12 @@ def run(args: argparse.Namespace) -> None:
 
     model, on_mesh = load_model(args.ckpt, mesh, rules="training", remat=args.remat, dtype=args.dtype,
                                 quant_sim=args.quant_sim)
+    wrt = add_adapters(model, args, mesh)  # --lora-rank: only the adapters train and are saved
     with on_mesh:  # the optimizer's moments follow their parameters, its step count lands on the mesh
         opt = train.make_optimizer(model, OptimizerConfig(
             name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
-            weight_decay=args.weight_decay, clip_norm=args.clip))
-        checkpoints = train.Checkpoints(args.out)
+            weight_decay=args.weight_decay, clip_norm=args.clip), wrt=wrt)
+        checkpoints = train.Checkpoints(args.out, wrt=wrt)
         step = checkpoints.restore(model, opt) if checkpoints.latest_step() is not None else 0
         if step >= args.steps:
             print(f"{args.out}: already at step {step} (--steps {args.steps}); nothing to do", file=sys.stderr)
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
         while step < args.steps:
             ids, mask = next(batches)
             metrics = train.train_step(model, opt, ids, mask, mtp_weight=args.mtp_weight,
-                                       balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate)
+                                       balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate,
+                                       wrt=wrt)
             step += 1
             print(f"step {step}: " + " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()), flush=True)
             if step % args.save_every == 0 or step == args.steps:
