@@ -271,30 +271,34 @@ def lora_at_rest(abstract: nnx.Module, mesh: Mesh) -> tuple[int, int]:
     return bytes_per_device(state) - adapters, 3 * adapters
 
 
-def compile_lora_step(cfg: ModelConfig, mesh: Mesh, rank: int, tokens: int, dispatch: str = "gather") -> Step:
-    """Lower and compile one LoRA step (next-token NLL of one `tokens`-token sequence per device, its
-    gradient over the adapters only, an AdamW update of adapters and moments); its memory_analysis."""
-    graphdef, adapters, base = nnx.split(shard_model(lora_abstract(cfg.replace(remat=True), rank), mesh, "training"),
-                                         nnx.LoRAParam, ...)
+def compile_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int | None, dispatch: str = "gather") -> Step:
+    """Lower and compile one training step (next-token NLL of one `tokens`-token sequence per device,
+    its gradient, an AdamW update of the trained leaves and their two moments, every block
+    rematerialised); its memory_analysis. rank: LoRA adapters of that rank are trained over the
+    frozen base; None: every nnx.Param (full fine-tuning)."""
+    cfg = cfg.replace(remat=True)
+    abstract = abstract_model(cfg) if rank is None else lora_abstract(cfg, rank)
+    trained = nnx.Param if rank is None else nnx.LoRAParam
+    graphdef, params, base = nnx.split(shard_model(abstract, mesh, "training"), trained, ...)
     batch = mesh.size
     with use_rules(mesh, "training", dispatch=dispatch) as layout:
         ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32,
                                    sharding=layout.sharding(("batch", None), (batch, tokens), "input ids"))
 
-        def loss(adapters, base, ids):
-            logits = nnx.merge(graphdef, adapters, base)(ids)[:, :-1].astype(jnp.float32)
+        def loss(params, base, ids):
+            logits = nnx.merge(graphdef, params, base)(ids)[:, :-1].astype(jnp.float32)
             logp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)
             return -jnp.mean(logp)
 
-        def step(adapters, mu, nu, base, ids):
-            g = jax.grad(loss)(adapters, base, ids)
+        def step(params, mu, nu, base, ids):
+            g = jax.grad(loss)(params, base, ids)
             mu = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, mu, g)
             nu = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, nu, g)
-            adapters = jax.tree.map(lambda p, m, v: p - 1e-4 * (m / (jnp.sqrt(v) + 1e-8) + 0.1 * p), adapters, mu, nu)
-            return adapters, mu, nu
+            params = jax.tree.map(lambda p, m, v: p - 1e-4 * (m / (jnp.sqrt(v) + 1e-8) + 0.1 * p), params, mu, nu)
+            return params, mu, nu
 
         fn = jax.jit(step, donate_argnums=(0, 1, 2))
-        mem = fn.lower(adapters, adapters, adapters, base, ids).compile().memory_analysis()
+        mem = fn.lower(params, params, params, base, ids).compile().memory_analysis()
     return Step(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                 mem.temp_size_in_bytes)
 
@@ -326,7 +330,7 @@ def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model
         return None
     _, mesh, params, adapters = best
     small = cfg if temp_reps is None else reduced_depth(cfg, temp_reps)
-    step = compile_lora_step(small, mesh, rank, tokens) if compile_steps else None
+    step = compile_train_step(small, mesh, tokens, rank) if compile_steps else None
     weights = "quantized" if cfg.quantized else cfg.dtype
     return LoRAPlan(model or "model", weights, describe(mesh), mesh.size, rank, tokens, params, adapters, step,
                     small.num_hidden_layers)
