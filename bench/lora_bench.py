@@ -8,19 +8,24 @@ the loss of a tiny model falling under adapters alone.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
+# As `v4jax plan`: XLA:CPU would hoist whole-stack dtype conversions out of the layer loop, a
+# CPU-only temporary that would dominate both programs.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
-from common import bench_config
-from v4jax import lora, train
-from v4jax.config import ModelConfig
-from v4jax.memory_plan import compile_train_step
-from v4jax.model import Transformer
-from v4jax.optim import OptimizerConfig
-from v4jax.sharding import make_mesh
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from common import bench_config  # noqa: E402
+from v4jax import lora, train  # noqa: E402
+from v4jax.config import ModelConfig  # noqa: E402
+from v4jax.memory_plan import compile_train_step  # noqa: E402
+from v4jax.model import Transformer  # noqa: E402
+from v4jax.optim import OptimizerConfig  # noqa: E402
+from v4jax.sharding import make_mesh  # noqa: E402
 
 
 def peak(step) -> int:

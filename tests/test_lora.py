@@ -134,7 +134,8 @@ def test_adapter_grads_over_quantised_base_equal_dequantised_base_and_merge_matc
 
 @pytest.mark.slow
 def test_adapter_step_on_8_devices_equals_one_device():
-    """fsdp=2 x expert=4 (training rules): the adapters are sharded with their base dims and experts."""
+    """fsdp=2 x expert=4 (training rules): the adapters are sharded with their base dims and experts;
+    the adapter gradients and the step's loss match one device."""
     def build():
         model = Transformer(QCFG, rngs=nnx.Rngs(0))
         lora.apply_lora(model, LORA, jax.random.key(0))
@@ -142,21 +143,25 @@ def test_adapter_step_on_8_devices_equals_one_device():
         return model
 
     ids = np.asarray(jax.random.randint(jax.random.key(2), (8, 24), 0, CFG.vocab_size))
+    grads = nnx.jit(nnx.grad(lambda m: lm_loss(m, ids, np.ones_like(ids))[0],
+                             argnums=nnx.DiffState(0, nnx.LoRAParam)))
     ref = build()
-    opt = make_optimizer(ref, wrt=nnx.LoRAParam)
-    ref_metrics = train_step(ref, opt, ids, np.ones_like(ids), wrt=nnx.LoRAParam)
+    want = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads(ref))}
+    ref_loss = train_step(ref, make_optimizer(ref, wrt=nnx.LoRAParam), ids, np.ones_like(ids), wrt=nnx.LoRAParam)
     mesh = sh.make_mesh("fsdp=2,expert=4")
-    model = build()
-    sh.shard_model(model, mesh, "training")
+    model = sh.shard_model(build(), mesh, "training")
     experts_b = next(m for n, m in lora.adapted_modules(model) if n.endswith("experts.w1")).lora.b.get_value()
     assert experts_b.sharding.spec[1] == "expert"  # [layers, E, out, r]
     with sh.use_rules(mesh, "training"):
-        opt = make_optimizer(model, wrt=nnx.LoRAParam)
-        metrics = train_step(model, opt, ids, np.ones_like(ids), wrt=nnx.LoRAParam)
-    np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-6)
-    want, got = weights.to_flat(ref), weights.to_flat(model)
+        got = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads(model))}
+        loss = train_step(model, make_optimizer(model, wrt=nnx.LoRAParam), ids, np.ones_like(ids), wrt=nnx.LoRAParam)
+    assert got.keys() == want.keys()
     for k in want:
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+        scale = np.abs(want[k]).max()
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5 * scale + 1e-9, err_msg=str(k))
+    np.testing.assert_allclose(float(loss["loss"]), float(ref_loss["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(weights.to_flat(model)["layers.0.ffn.experts.w1.lora.b"],
+                               weights.to_flat(ref)["layers.0.ffn.experts.w1.lora.b"], atol=3e-5)  # lr 1e-5 Adam
 
 
 @pytest.mark.slow

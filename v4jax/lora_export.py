@@ -19,8 +19,10 @@ from orbax.checkpoint.experimental import v1 as ocp
 from safetensors.numpy import save_file
 
 from v4jax import quant
-from v4jax.checkpoint import checksum, model_layout, weights
+from v4jax.checkpoint import checksum, load_flat, model_layout, read_published, weights
 from v4jax.checkpoint.converter import CHECKSUMS, INFO, LAYOUT, STATE, orbax_context
+from v4jax.checkpoint.layout import INDEX
+from v4jax.checkpoint.model_layout import leaves
 from v4jax.checkpoint.reader import COMPANION_FILES
 from v4jax.checkpoint.staging import staging
 from v4jax.config import ModelConfig
@@ -57,6 +59,18 @@ def tensor_kind(name: str) -> str:
     return ".".join(parts[2:] if parts[0] in ("layers", "mtp") else parts)
 
 
+def base_leaves(base: Path, cfg: ModelConfig, names: set[str]) -> dict[str, np.ndarray]:
+    """Leaves of the dequantised model layout the model does not hold (the scales of `attn.wo_a`,
+    which the model keeps decoded), read from the base folder: published or converted."""
+    layout = leaves(cfg.replace(dtype="float32"), keep_quantized=False)
+    if not (base / INDEX).is_file():
+        abstract = {leaf.name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in layout if leaf.name in names}
+        return {n: np.asarray(v) for n, v in load_flat(base, abstract).items()}
+    published = read_published(base)
+    return {leaf.name: np.asarray(leaf.read(published, tuple(slice(0, d) for d in leaf.shape)))
+            for leaf in layout if leaf.name in names}
+
+
 def fresh_scales(flat: dict[str, np.ndarray], adapted: set[str]) -> dict[str, float]:
     """Replace the stored scales of every adapted weight in `flat` (host arrays, changed in place)
     by the power-of-two scales a fresh encoding picks, which export then encodes with; returns the
@@ -66,7 +80,7 @@ def fresh_scales(flat: dict[str, np.ndarray], adapted: set[str]) -> dict[str, fl
         w = flat[name]
         owner = name.removesuffix(".weight")
         if f"{owner}.scale" not in flat:
-            continue  # kept in bf16 / float32 by the published layout (wo_a): nothing to re-encode
+            continue  # a bf16 / float32 tensor of the published layout: nothing to re-encode
         fp4 = flat[f"{owner}.scale"].shape[-1] == w.shape[-1] // quant.FP4_GROUP
         encode, decode = (quant.quantize_fp4, quant.dequant_fp4) if fp4 else (quant.quantize_fp8, quant.dequant_fp8)
         scales, back = [], []

@@ -56,7 +56,8 @@ def add_adapters(model, args: argparse.Namespace, mesh):
     if args.lora_rank is None:
         return nnx.Param
     cfg = lora.LoRAConfig(args.lora_rank, args.lora_alpha, tuple(t for t in args.lora_targets.split(",") if t))
-    record = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "optimizer": args.optimizer}
+    record = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "optimizer": args.optimizer,
+              "dtype": model.cfg.dtype}
     path = args.out / LORA_JSON
     if path.is_file() and json.loads(path.read_text()) != record:
         raise UsageError(f"--out {args.out}: its {LORA_JSON} records {path.read_text().strip()}, "
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> None:
     if not published and not converted_config(args.base).quantized:
         raise UsageError(f"--base {args.base}: converted without its FP8/FP4 codes; merge needs them "
                          f"(the published folder, or one converted with --keep-quantized)")
-    model = load_pretrained(args.base, dtype="float32", quantized=True)
+    # The adapters' dtype as trained (a restore checks their bytes); the merge itself runs in float32.
+    model = load_pretrained(args.base, dtype=record["dtype"], quantized=True)
     lora.apply_lora(model, lora.LoRAConfig(record["rank"], record["alpha"], tuple(record["targets"])),
                     jax.random.key(0))
     opt = train.make_optimizer(model, OptimizerConfig(name=record["optimizer"]), wrt=nnx.LoRAParam)
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> None:
         return
     merged, adapted = lora_export.merged_flat(model)
     flat = {name: np.asarray(v) for name, v in merged.items()}
+    stored = lora_export.model_layout(model.cfg.replace(dtype="float32"), keep_quantized=False)
+    flat |= lora_export.base_leaves(args.base, model.cfg, set(stored) - set(flat))
     errors = lora_export.fresh_scales(flat, adapted)
     layout = read_published(args.base).layout.to_json() if published else (args.base / LAYOUT).read_text()
     lora_export.write_converted(flat, model.cfg, layout, args.base, args.out)
