@@ -107,7 +107,8 @@ def dequantised_copy(qmodel):
 
 
 def adapter_grads(model):
-    grad_fn = nnx.grad(lambda m: lm_loss(m, IDS, np.ones_like(IDS), mtp_weight=0.3)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
+    grad_fn = nnx.grad(lambda m: lm_loss(m, IDS, np.ones_like(IDS), mtp_weight=0.3)[0],
+                       argnums=nnx.DiffState(0, nnx.LoRAParam))
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grad_fn(model))}
 
 

@@ -121,8 +121,9 @@ def _ends_with(path, pattern: str) -> bool:
 
 def target_modules(model, patterns) -> list[tuple[str, nnx.Module]]:
     """(dotted path, module) of every adaptable module whose path ends in one of `patterns`
-    (dotted, each component an fnmatch pattern: "attn.wq_b", "experts.*", "indexer.*"). A pattern that selects nothing, or
-    selects a module that has no adapter hook (compressor projections, the gate), is a ConfigError."""
+    (dotted, each component an fnmatch pattern: "attn.wq_b", "experts.*", "indexer.*"). A pattern that
+    selects nothing, or a module without an adapter hook (compressor projections, the gate), is a
+    ConfigError."""
     chosen, used = [], set()
     for path, module in nnx.iter_modules(model):
         name = ".".join(str(p) for p in path)
