@@ -9,6 +9,7 @@ experts stacked per projection), where an adapter is the pair of leaves `X.lora.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -81,14 +82,18 @@ def fresh_scales(flat: dict[str, np.ndarray], adapted: set[str]) -> dict[str, fl
         owner = name.removesuffix(".weight")
         if f"{owner}.scale" not in flat:
             continue  # a bf16 / float32 tensor of the published layout: nothing to re-encode
-        fp4 = flat[f"{owner}.scale"].shape[-1] == w.shape[-1] // quant.FP4_GROUP
+        stored = flat[f"{owner}.scale"]
+        fp4 = stored.shape[-1] == w.shape[-1] // quant.FP4_GROUP
         encode, decode = (quant.quantize_fp4, quant.dequant_fp4) if fp4 else (quant.quantize_fp8, quant.dequant_fp8)
+        # The published matrices: the stored scale's leading dims (experts) stack them; wo_a
+        # [G, r_o, in] is one [G * r_o, in] matrix.
+        lead = stored.shape[:-2]
         scales, back = [], []
-        for m in w.reshape(-1, *w.shape[-2:]):
+        for m in w.reshape(-1, math.prod(w.shape[len(lead):-1]), w.shape[-1]):
             codes, s = encode(m)
             scales.append(s)
             back.append(np.asarray(decode(codes, s, jnp.float32)))
-        flat[f"{owner}.scale"] = np.stack(scales).reshape(*w.shape[:-2], *scales[0].shape)
+        flat[f"{owner}.scale"] = np.stack(scales).reshape(*lead, *scales[0].shape)
         kind = tensor_kind(name)
         err[kind] = err.get(kind, 0.0) + float(np.sum((np.stack(back).reshape(w.shape) - w) ** 2))
         norm[kind] = norm.get(kind, 0.0) + float(np.sum(w.astype(np.float64) ** 2))
