@@ -43,6 +43,7 @@ INFERENCE: dict[str, MeshAxes] = {
     "embed_moe": None,
     "mlp": "tensor",
     "layers": None,
+    "lora_rank": None,
     # activations
     "batch": "data",
     "seq": None,
@@ -74,6 +75,7 @@ TRAINING: dict[str, MeshAxes] = {
     "embed_moe": "fsdp",
     "mlp": "tensor",
     "layers": None,
+    "lora_rank": None,
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": None,

@@ -58,3 +58,26 @@ def test_v4jax_plan_subcommand_is_registered(capsys):
     with pytest.raises(SystemExit):
         cli_main(["plan", "--help"])
     assert "--fit" in capsys.readouterr().out
+
+
+def test_lora_plan_bytes_at_rest_split_base_and_adapters():
+    cfg = ModelConfig.from_json("configs/tiny.json", quantized=True)
+    p = plan.plan_lora(cfg, 8, 4, 256, compile_steps=False)
+    abstract = plan.lora_abstract(cfg, 4)
+    adapters = nnx.state(abstract, nnx.LoRAParam)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+    lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters))
+    assert p.devices == 8 and p.mesh == "expert=8"  # the fewest bytes per device: experts split 8 ways
+    expert_lora = sum(x.size * x.dtype.itemsize for x in
+                      jax.tree.leaves(nnx.state(abstract, nnx.All(nnx.LoRAParam, lambda path, _: "experts" in path))))
+    assert p.adapters == 3 * (lora_bytes - expert_lora + expert_lora // 8)  # + two moments each
+    assert p.params < total - lora_bytes and p.peak == p.params + p.adapters
+
+
+@pytest.mark.slow
+def test_plan_command_lora_rows_compile_the_adapter_step(capsys):
+    args = build_parser().parse_args(["plan", "--models", "configs/tiny.json", "--lora-rank", "4",
+                                      "--lora-tokens", "256", "--devices", "8", "--temp-reps", "1"])
+    (p,) = args.run(args)
+    assert p.step.temporaries > 0 and p.peak == p.params + p.adapters + p.step.temporaries
+    assert f"| tiny | quantized | 4 | 256 | 8 | {p.mesh} |" in capsys.readouterr().out

@@ -217,7 +217,10 @@ class Attention(nnx.Module):
         o, side = self._attend_blocks(q, positions, win_kv, win_pos, cache, index_q, index_w, docs,
                                       indexer_kl if ratio == 4 else None)
         o = apply_rope(o.astype(x.dtype), rope_pos[..., None], inv_freq, inverse=True)
-        return self.wo_b(grouped_out_proj(o, self.wo_a.weight[...], x.dtype)), cache.arrays, side
+        wo_a = self.wo_a.weight[...]
+        if hasattr(self.wo_a, "lora"):  # a LoRA adapter per group (v4jax.lora)
+            wo_a = self.wo_a.lora.adapt(wo_a)
+        return self.wo_b(grouped_out_proj(o, wo_a, x.dtype)), cache.arrays, side
 
     def _attend_blocks(self, q, positions, win_kv, win_pos, cache: LayerCache, index_q, index_w,
                        docs: Documents | None, indexer_kl: str | None):

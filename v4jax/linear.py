@@ -67,4 +67,7 @@ class Linear(nnx.Module):
     def __call__(self, x, out_dtype=None):
         if self.act_quant:
             x = quant.fake_quant_fp8(x, quant.FP8_BLOCK)
-        return matmul_t(x, self.kernel(x.dtype), out_dtype or x.dtype)
+        y = matmul_t(x, self.kernel(x.dtype), out_dtype or x.dtype)
+        if hasattr(self, "lora"):  # a LoRA adapter (v4jax.lora), on the same input as the base
+            y = y + self.lora(x).astype(y.dtype)
+        return y

@@ -7,6 +7,10 @@ prefill chunk and the one-token decode step are lowered and compiled for the mes
 temporaries XLA plans for one device. Layers are scanned, so the temporaries of a
 reduced-depth copy of the model (same layer kinds, fewer repetitions) stand for
 those of the full depth when compiling the full model is too slow.
+
+LoRA fine-tuning plans (`plan_lora`) do the same for a training step over adapters on a
+frozen base: base and adapter (+ moment) bytes at rest, and the compiled step's temporaries
+with every block rematerialised.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from v4jax.cache import init_cache
 from v4jax.config import ModelConfig
+from v4jax.lora import LoRAConfig, apply_lora
 from v4jax.model import Transformer
 from v4jax.placement import shard_cache
 from v4jax.sharding.experts import check_expert_layout
@@ -223,3 +228,135 @@ def _tokens(n: int) -> str:
 
 def to_json(plans: Sequence[MemoryPlan]) -> str:
     return json.dumps([dataclasses.asdict(p) | {"peak": p.peak} for p in plans], indent=1)
+
+
+# ---------------------------------------------------------------------------- LoRA fine-tuning
+@dataclasses.dataclass(frozen=True)
+class LoRAPlan:
+    """Per-device memory of a LoRA step (v4jax.lora) over a frozen base, training rules."""
+
+    model: str
+    weights: str
+    mesh: str
+    devices: int
+    rank: int
+    tokens: int  # per sequence; one sequence per device (the training rules split the batch over all)
+    params: int  # the frozen base, bytes per device
+    adapters: int  # adapters + AdamW's two moments (same dtype and sharding), bytes per device
+    step: Step | None  # the compiled step (rematerialised blocks): temporaries = activations, gradients
+    temp_depth: int
+
+    @property
+    def peak(self) -> int:
+        return self.params + self.adapters + (self.step.temporaries if self.step else 0)
+
+    def fits(self, device_bytes: float) -> bool:
+        return self.peak <= device_bytes
+
+
+def lora_abstract(cfg: ModelConfig, rank: int) -> nnx.Module:
+    """The abstract model with LoRA adapters of `rank` on the default targets."""
+    def build():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        apply_lora(model, LoRAConfig(rank), jax.random.key(0))
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def lora_at_rest(abstract: nnx.Module, mesh: Mesh) -> tuple[int, int]:
+    """(base bytes, adapter + moment bytes) per device under the training rules."""
+    state = nnx.state(shard_model(nnx.merge(*nnx.split(abstract)), mesh, "training"))
+    adapters = bytes_per_device(nnx.filter_state(state, nnx.LoRAParam))
+    return bytes_per_device(state) - adapters, 3 * adapters
+
+
+def compile_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int | None, dispatch: str = "gather") -> Step:
+    """Lower and compile one training step (next-token NLL of one `tokens`-token sequence per device,
+    its gradient, an AdamW update of the trained leaves and their two moments, every block
+    rematerialised); its memory_analysis. rank: LoRA adapters of that rank are trained over the
+    frozen base; None: every nnx.Param (full fine-tuning)."""
+    cfg = cfg.replace(remat=True)
+    abstract = abstract_model(cfg) if rank is None else lora_abstract(cfg, rank)
+    trained = nnx.Param if rank is None else nnx.LoRAParam
+    graphdef, params, base = nnx.split(shard_model(abstract, mesh, "training"), trained, ...)
+    batch = mesh.size
+    with use_rules(mesh, "training", dispatch=dispatch) as layout:
+        ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32,
+                                   sharding=layout.sharding(("batch", None), (batch, tokens), "input ids"))
+
+        def loss(params, base, ids):
+            logits = nnx.merge(graphdef, params, base)(ids)[:, :-1].astype(jnp.float32)
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)
+            return -jnp.mean(logp)
+
+        def step(params, mu, nu, base, ids):
+            g = jax.grad(loss)(params, base, ids)
+            mu = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, mu, g)
+            nu = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, nu, g)
+            params = jax.tree.map(lambda p, m, v: p - 1e-4 * (m / (jnp.sqrt(v) + 1e-8) + 0.1 * p), params, mu, nu)
+            return params, mu, nu
+
+        fn = jax.jit(step, donate_argnums=(0, 1, 2))
+        mem = fn.lower(params, params, params, base, ids).compile().memory_analysis()
+    return Step(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                mem.temp_size_in_bytes)
+
+
+def training_meshes(cfg: ModelConfig, n_devices: int, devices: Sequence | None = None) -> list[Mesh]:
+    """fsdp x expert = n (expert dividing the routed-expert count): the LoRA step's candidates."""
+    devices = list(jax.devices()[:n_devices] if devices is None else devices)
+    return [make_mesh(dict(fsdp=n_devices // e, expert=e), devices=devices)
+            for e in _divisors(n_devices) if cfg.n_routed_experts % e == 0]
+
+
+def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model: str = "",
+              temp_reps: int | None = None, compile_steps: bool = True) -> LoRAPlan | None:
+    """The LoRA plan on the `n_devices` training mesh with the fewest base + adapter bytes per device
+    (ties: more expert parallelism); None if the training rules place the model on none."""
+    abstract = lora_abstract(cfg, rank)
+    best = None
+    for mesh in training_meshes(cfg, n_devices):
+        try:
+            check_expert_layout(Layout(mesh, get_rules("training")), cfg.n_routed_experts,
+                                cfg.moe_intermediate_size, cfg.quant_sim)
+            params, adapters = lora_at_rest(abstract, mesh)
+        except ShardingError:
+            continue
+        key = (params + adapters, -mesh.shape["expert"])
+        if best is None or key < best[0]:
+            best = (key, mesh, params, adapters)
+    if best is None:
+        return None
+    _, mesh, params, adapters = best
+    small = cfg if temp_reps is None else reduced_depth(cfg, temp_reps)
+    step = compile_train_step(small, mesh, tokens, rank) if compile_steps else None
+    weights = "quantized" if cfg.quantized else cfg.dtype
+    return LoRAPlan(model or "model", weights, describe(mesh), mesh.size, rank, tokens, params, adapters, step,
+                    small.num_hidden_layers)
+
+
+def smallest_lora_fit(cfg: ModelConfig, capacity: float, sizes: Sequence[int], rank: int, tokens: int, *,
+                      model: str = "", temp_reps: int | None = None) -> LoRAPlan | None:
+    """The plan of the smallest device count in `sizes` whose LoRA step fits `capacity` bytes per device
+    (compiled only where base + adapters fit)."""
+    for n in sorted(sizes):
+        at_rest_only = plan_lora(cfg, n, rank, tokens, model=model, compile_steps=False)
+        if at_rest_only is None or at_rest_only.peak > capacity:
+            continue
+        plan = plan_lora(cfg, n, rank, tokens, model=model, temp_reps=temp_reps)
+        if plan.fits(capacity):
+            return plan
+    return None
+
+
+def format_lora_plans(plans: Sequence[LoRAPlan]) -> str:
+    """A markdown table of LoRA plans (GB = 1e9 bytes)."""
+    gb = lambda b: f"{b / 1e9:.1f}"
+    rows = ["| model | base | rank | tokens/seq | devices | mesh | base GB | adapters+AdamW GB | step temp GB | "
+            "peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in plans:
+        rows.append(f"| {p.model} | {p.weights} | {p.rank} | {_tokens(p.tokens)} | {p.devices} | {p.mesh} | "
+                    f"{gb(p.params)} | {gb(p.adapters)} | {gb(p.step.temporaries) if p.step else '-'} | "
+                    f"{gb(p.peak)} |")
+    return "\n".join(rows)

@@ -281,10 +281,12 @@ class ExpertWeights(nnx.Module):
             self.weight, self.scale = random_fp8(rngs, (n, out_dim, in_dim), axes)
 
     def operand(self):
-        """What the expert matmuls take: the weight, or (codes, scales) when kept quantised."""
-        if hasattr(self, "scale"):
-            return self.weight[...], self.scale[...]
-        return self.weight[...]
+        """What the expert matmuls take: the weight, or (codes, scales) when kept quantised; with a
+        LoRA adapter (v4jax.lora) the decoded weight plus its B A, one pair per expert."""
+        w = (self.weight[...], self.scale[...]) if hasattr(self, "scale") else self.weight[...]
+        if hasattr(self, "lora"):
+            return self.lora.adapt(expert_stack(w, self.lora.a.get_value().dtype))
+        return w
 
 
 class Experts(nnx.Module):

@@ -16,11 +16,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from v4jax.cli import convert, demo, eval, export, generate, lm_eval, plan, train
+from v4jax.cli import convert, demo, eval, export, generate, lm_eval, merge, plan, train
 from v4jax.cli.common import UsageError, nonnegative_int, positive_int
 from v4jax.errors import MeshError, ShardingError, V4jaxError
 
-VERBS = (convert, export, generate, eval, lm_eval, train, demo, plan)  # each: add(subparsers) registers it
+VERBS = (convert, export, generate, eval, lm_eval, train, merge, demo, plan)  # each: add(subparsers) registers it
 USAGE = (UsageError, MeshError, ShardingError)
 # OSErrors about a path the user named (the file types and folders it points to)
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

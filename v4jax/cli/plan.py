@@ -4,6 +4,8 @@ per device size). What is measured and how: `v4jax.memory_plan`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +34,11 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--temp-reps", type=nonnegative_int, default=1,
                    help="compile temporaries on a copy with at most this many layers per scan segment "
                         "(default 1, as the README's tables; 0: the full depth, slow)")
+    p.add_argument("--lora-rank", type=positive_int,
+                   help="plan LoRA fine-tuning of this rank instead (quantised base, training rules, one "
+                        "sequence per device, remat): base, adapters + AdamW and the compiled step's temporaries")
+    p.add_argument("--lora-tokens", nargs="+", type=context, default=[("8K", 8192), ("64K", 65536)],
+                   help="tokens per sequence of the LoRA rows")
     p.add_argument("--json", type=new_file, help="also write the plans here")
     p.set_defaults(run=run)
     return p
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace):
 
     simulate_devices(max(args.fit_sizes if args.fit else args.devices))
     temp_reps = args.temp_reps or None
+    if args.lora_rank:
+        return _run_lora(args, temp_reps)
     plans, fits = [], []
     for path in args.models:
         for weights in args.weights:
@@ -110,4 +119,36 @@ def run(args: argparse.Namespace):
         print(format_fits(fits, args.fit))
     if args.json:
         args.json.write_text(to_json(plans))
+    return plans
+
+
+def _run_lora(args: argparse.Namespace, temp_reps):
+    """The LoRA rows: per model and tokens per sequence, each --devices count (or, with --fit, the
+    smallest --fit-sizes count per device size)."""
+    from v4jax.config import ModelConfig
+    from v4jax.memory_plan import format_lora_plans, plan_lora, smallest_lora_fit
+
+    plans = []
+    for path in args.models:
+        cfg = ModelConfig.from_json(path, quantized=True)
+        for label, tokens in args.lora_tokens:
+            common = dict(model=path.stem, temp_reps=temp_reps)
+            if args.fit:
+                for gb in args.fit:
+                    plan = smallest_lora_fit(cfg, gb * 1e9, args.fit_sizes, args.lora_rank, tokens, **common)
+                    print(f"| {path.stem} | {label} | {gb:g} GB devices | "
+                          f"{'none of the sizes tried' if plan is None else plan.devices} |", flush=True)
+                    plans += [plan] if plan is not None else []
+                continue
+            for n in args.devices:
+                plan = plan_lora(cfg, n, args.lora_rank, tokens, **common)
+                if plan is None:
+                    print(f"| {path.stem} | {label} | {n} | no mesh the training rules accept |", flush=True)
+                    continue
+                plans.append(plan)
+                print(format_lora_plans([plan]).splitlines()[-1], flush=True)
+    print()
+    print(format_lora_plans(plans))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(p) | {"peak": p.peak} for p in plans], indent=1))
     return plans

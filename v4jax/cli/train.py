@@ -35,6 +35,7 @@ from v4jax.cli.common import (
     positive_float,
     positive_int,
 )
+from v4jax.cli.merge import add_adapters, add_lora_options
 
 METRICS = "metrics.jsonl"
 
@@ -63,6 +64,12 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.1, help="decoupled, on matrices only")
     p.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--mtp-weight", type=nonnegative_float, default=0.3, help="weight of the MTP loss (0: off)")
+    p.add_argument("--indexer-loss", choices=("off", "dense", "sparse"), default="off",
+                   help="lightning-indexer KL to the head-summed main attention: dense (warm-up over every causal "
+                        "compressed entry; only the indexer trains) or sparse (on the selected top-k, the "
+                        "indexer's input detached)")
+    p.add_argument("--indexer-weight", type=nonnegative_float, default=1.0,
+                   help="weight of the indexer loss (the indexer learns from it alone, so it scales its step)")
     p.add_argument("--bias-update-rate", type=nonnegative_float, default=0.0,
                    help="aux-loss-free router-bias speed after each step (V4 pre-training: 0.001; default 0: "
                         "biases frozen, as the training spec recommends for fine-tuning)")
@@ -76,6 +83,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--mesh", help='e.g. "fsdp=4,expert=2" (default: one device)')
     add_model_options(p)
+    add_lora_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -86,8 +94,11 @@ def run(args: argparse.Namespace) -> None:
 
     from v4jax import data, train
     from v4jax.generate import stop_tokens_of
+    from v4jax.indexer_loss import indexer_params
     from v4jax.optim import OptimizerConfig, schedule
 
+    if args.indexer_loss == "dense" and args.lora_rank is not None:
+        raise UsageError("--indexer-loss dense trains the indexer alone: it does not combine with --lora-rank")
     started = (args.out / RUN_INFO).is_file()
     if args.out.is_dir() and any(args.out.iterdir()) and not started:
         raise UsageError(f"--out {args.out}: not empty and holds no training checkpoints; refusing to write into it")
@@ -115,11 +126,15 @@ def run(args: argparse.Namespace) -> None:
     opt_cfg = OptimizerConfig(name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup,
                               total_steps=args.steps, weight_decay=args.weight_decay, clip_norm=args.clip)
     lr = schedule(opt_cfg)
+    wrt = add_adapters(model, args, mesh)  # --lora-rank: only the adapters train and are saved
+    if args.indexer_loss == "dense":  # the warm-up trains the indexer alone
+        wrt = indexer_params
     mtp = args.mtp_weight > 0 and bool(cfg.num_nextn_predict_layers)
     flops_per_token = train.model_flops_per_token(model.cfg, args.seq_len, mtp)
     with on_mesh:  # the optimizer's moments follow their parameters, its step count lands on the mesh
-        opt = train.make_optimizer(model, opt_cfg)
-        checkpoints = train.Checkpoints(args.out, max_to_keep=args.keep)
+        opt = train.make_optimizer(model, opt_cfg, wrt=wrt)
+        checkpoints = train.Checkpoints(args.out, max_to_keep=args.keep,  # LoRA: the adapters alone
+                                        wrt=wrt if args.lora_rank is not None else None)
         step = 0
         if checkpoints.latest_step() is not None:
             step = checkpoints.restore(model, opt)
@@ -138,7 +153,9 @@ def run(args: argparse.Namespace) -> None:
                 metrics = train.train_step(model, opt, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
                                            mtp_weight=args.mtp_weight if mtp else 0.0,
                                            balance_weight=args.balance_weight,
-                                           bias_update_rate=args.bias_update_rate, grad_accum=args.grad_accum)
+                                           bias_update_rate=args.bias_update_rate, grad_accum=args.grad_accum,
+                                           wrt=wrt, indexer_loss=args.indexer_loss,
+                                           indexer_weight=args.indexer_weight)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - start
                 tokens_per_s = float((batch["segment_ids"] > 0).sum()) / seconds
