@@ -1,13 +1,15 @@
 """Generation: continuous batching over fixed slots, chunked prefill, plain or speculative decode (spec §2.8).
 
 A `Generator` owns `batch_size` slots and compiles one step program per token-chunk
-width. Requests wait in a queue; a slot whose sequence finished takes the next one
-at once, its state rows are cleared and its prompt is fed in chunks of at most
-`prefill_chunk` tokens inside the steps that decode the other slots (one step, one
-program: per-row lengths say what each slot feeds, 0 leaves a slot untouched).
-Results come back as each request finishes. Widths are 1 (2 with speculation) for
-steps that only decode and a power-of-two bucket for steps with prompt tokens, so
-nothing recompiles per step, per prompt length or per request.
+width (and, for the slots refilling together, per power-of-two count of them). Requests wait
+in a queue; a slot whose sequence finished takes the next one at once, its state rows are
+cleared and its prompt is fed in chunks of at most `prefill_chunk` tokens: each round, every
+slot with prompt left feeds one chunk in one shared step over just those slots (their rows
+gathered from the state and written back), then the decoding slots take a step (per-row
+lengths say what each slot feeds, 0 leaves a slot untouched). Results come back as each
+request finishes. Widths are 1 (2 with speculation) for steps that only decode and a
+power-of-two bucket for steps with prompt tokens, so nothing recompiles per step, per prompt
+length or per request (`warm_up` compiles them all up front).
 
 With speculative=True every decoding slot also verifies one token drafted by the
 MTP block (v4jax.speculative): greedy output is plain greedy's, sampled output
@@ -79,7 +81,7 @@ class Completion:
 class Generation:
     sequences: list[Completion]
     prompt_tokens: int
-    prefill_seconds: float = 0.0  # steps that fed prompt tokens (decode rows ride along), compiles included
+    prefill_seconds: float = 0.0  # steps that fed prompt tokens (on a mesh decode rows ride along), compiles included
     decode_seconds: float = 0.0  # steps that only decoded, except those that compiled
     decode_tokens: int = 0  # tokens those steps drew
     decode_steps: int = 0  # how many such steps
