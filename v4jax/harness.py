@@ -130,9 +130,9 @@ class V4jaxLM(LM):
                                                        * self.multiple),
                             max_len=max(map(len, prompts)) + max_gen, mesh=self.mesh)
             # a sequence ends, and frees its slot, as soon as its text holds a stop string
-            requests = [Request(p, max_gen, sampling, frozenset([self.eot_token_id]), self.seed, k,
-                                StopStrings(self.tokenizer, until)) for k, p in enumerate(prompts)]
-            for k, completion in gen.serve(requests):
+            queue = [Request(p, max_gen, sampling, frozenset([self.eot_token_id]), self.seed, k,
+                             StopStrings(self.tokenizer, until)) for k, p in enumerate(prompts)]
+            for k, completion in gen.serve(queue):
                 text = self.tokenizer.decode(completion.tokens, skip_special_tokens=True)
                 out[rows[k]] = postprocess_generated_text(text, until, None)
         return out
