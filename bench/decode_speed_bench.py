@@ -6,16 +6,16 @@
    the next-but-one token well. Then greedy decode of continuations with and without
    speculation: draft acceptance rate, tokens per verify step, decode tokens/s, speed-up.
    Goal: >= 1.6x at acceptance >= 0.8.
-2. A mixed workload (requests with prompts and output budgets drawn uniformly) through
-   the same slots and programs, continuously batched (a finished slot takes the next
-   request at once) and statically (a batch of requests waits for its longest one):
-   generated tokens per second. Goal: >= 2x. The issue's workload is 64 requests,
-   prompts 16-1,024, outputs 8-256 (--requests 64 --max-prompt 1024 --max-output 256);
-   the defaults are scaled down to keep a run to a few minutes on a small CPU.
+2. A mixed workload (64 requests, prompts 16-1,024 tokens, outputs 8-256, drawn uniformly) through
+   the same slots and programs: continuously batched (a finished slot takes the next request at
+   once, its prompt fed in chunks that every refilling slot shares, between the decoding slots'
+   steps), statically (waves of `slots` requests, each prefilled together and decoded in lockstep
+   until its longest output is done), and as waves through the continuous scheduler (a wave's
+   slots refilled only when all of it is done): generated tokens per second. Goal: >= 2x over
+   static. Every program is compiled first (Generator.warm_up); the modes alternate, `--repeats`
+   times, and the figures are medians (the machine may be shared).
 
-Every program is compiled before the timed runs (same widths in both modes).
-
-    python bench/decode_speed_bench.py [--train-steps 150] [--requests 32] [--max-prompt 512] [--max-output 128]
+    python bench/decode_speed_bench.py [--train-steps 150] [--requests 64] [--max-prompt 1024] [--max-output 256]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ModelConfig
-from v4jax.generate import Generator, Request
+from v4jax.generate import Generation, Generator, Request
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig
 from v4jax.sampling import Sampling
@@ -89,26 +89,58 @@ def workload(rng, n: int, max_prompt: int, max_output: int, vocab: int) -> list[
                     int(rng.integers(8, max_output + 1)), GREEDY) for _ in range(n)]
 
 
-def batching(model, slots: int, n: int, max_prompt: int, max_output: int, chunk: int) -> dict:
+def static_batch(gen: Generator, wave: list[Request]) -> int:
+    """Static batching: the wave's prompts prefilled together (shared [batch, width] chunks, short rows
+    padding), then every row decodes in lockstep until the wave's longest output is done; the
+    generator's own programs (prefill, decode). Returns the tokens generated."""
+    prompts = [r.prompt for r in wave] + [[]] * (gen.batch_size - len(wave))
+    budgets = np.array([min(r.max_new_tokens, gen.max_len + 1 - len(r.prompt)) for r in wave]
+                       + [0] * (gen.batch_size - len(wave)))
+    controls = gen.controls(GREEDY)
+    tokens, _, state = gen.prefill(gen.new_state(), prompts, controls)
+    for made in range(1, int(budgets.max())):  # the last drawn token is never fed back
+        tokens, _, state = gen.decode(state, tokens, budgets > made, controls)
+    return int(budgets.sum())
+
+
+def batching(model, slots: int, n: int, max_prompt: int, max_output: int, chunk: int, repeats: int) -> dict:
+    """Continuous batching (serve: a freed slot takes the next request at once), static batching
+    (static_batch, waves of `slots` requests) and waves through serve (a wave's requests admitted
+    together, its slots refilled only when all are done), one generator for all (same programs, all
+    compiled first), alternated `repeats` times; medians. Each serve run's wall time splits into
+    steps that fed prompt chunks, steps that only decoded, and the host's share."""
     requests = workload(np.random.default_rng(2), n, max_prompt, max_output, model.cfg.vocab_size)
     gen = Generator(model, batch_size=slots, max_len=max_prompt + max_output + 2, prefill_chunk=chunk)
-    widths = [1 << k for k in range(4, chunk.bit_length())]  # every prefill bucket, then decode
-    for w in widths:  # compile every program: a first chunk shared with a decoding slot's start, then
-        # a chunk of w tokens on its own row while that slot decodes
-        list(gen.serve([Request([2] * 16, 8, GREEDY), Request([2] * (chunk + w), 2, GREEDY)]))
+    programs = gen.warm_up()
     total = sum(min(r.max_new_tokens, gen.max_len + 1 - len(r.prompt)) for r in requests)
-
-    t0 = time.perf_counter()
-    continuous = sum(len(c.tokens) for _, c in gen.serve(requests))
-    t_cont = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    static = 0
-    for first in range(0, n, slots):  # each batch waits for its longest request
-        static += sum(len(c.tokens) for _, c in gen.serve(requests[first:first + slots]))
-    t_static = time.perf_counter() - t0
-    assert continuous == static == total
-    return {"requests": n, "slots": slots, "generated_tokens": total, "continuous_tokens_per_s": total / t_cont,
-            "static_tokens_per_s": total / t_static, "speedup": t_static / t_cont}
+    waves = [requests[i:i + slots] for i in range(0, n, slots)]
+    modes = {"continuous": [requests], "static": None, "waves": waves}
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, queues in modes.items():
+            stats = Generation([], 0)
+            t0 = time.perf_counter()
+            if queues is None:
+                generated = sum(static_batch(gen, wave) for wave in waves)
+            else:
+                generated = sum(len(c.tokens) for queue in queues for _, c in gen.serve(queue, stats=stats))
+            seconds = time.perf_counter() - t0
+            assert generated == total
+            runs[mode].append((seconds, stats.prefill_seconds, stats.decode_seconds, stats.decode_steps))
+    budgets = [min(r.max_new_tokens, gen.max_len + 1 - len(r.prompt)) for r in requests]
+    out = {"requests": n, "slots": slots, "programs": programs, "generated_tokens": total,
+           # decode steps static batching takes (each wave's longest output; its first token comes
+           # with the prompt) and the fewest any schedule of `slots` slots can take
+           "static_decode_steps": sum(max(budgets[i:i + slots]) - 1 for i in range(0, n, slots)),
+           "min_decode_steps": -(-(total - n) // slots),
+           "prompt_tokens": sum(len(r.prompt) for r in requests), "repeats": repeats}
+    for mode, r in runs.items():
+        seconds, prefill, decode, steps = np.median(np.array(r), axis=0)
+        out[mode] = {"tokens_per_s": total / seconds, "seconds": seconds, "prefill_steps_s": prefill,
+                     "decode_steps_s": decode, "host_s": seconds - prefill - decode, "decode_steps": int(steps),
+                     # continuous's speed-up over this mode, median over the repeats (each repeat's pair)
+                     "speedup": float(np.median([m[0] / c[0] for c, m in zip(runs["continuous"], r)]))}
+    return out
 
 
 def main() -> None:
@@ -116,11 +148,12 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--batch", type=int, default=1, help="sequences in the speculation comparison")
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--max-output", type=int, default=128)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=128, help="prefill chunk (power of two)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each batching mode (medians)")
     args = ap.parse_args()
 
     model = tiny_model()
@@ -134,12 +167,18 @@ def main() -> None:
           f"acceptance {s['acceptance']:.2f}, {s['tokens_per_verify_step']:.2f} tokens per verify step, "
           f"{s['speculative_tokens_per_s']:.1f} vs {s['plain_tokens_per_s']:.1f} tokens/s plain "
           f"-> {s['speedup']:.2f}x (goal >= 1.6x at acceptance >= 0.8)")
-    b = batching(model, args.slots, args.requests, args.max_prompt, args.max_output, args.chunk)
-    print(f"batching, {b['requests']} requests (prompts 16-{args.max_prompt}, outputs 8-{args.max_output}) "
-          f"through {b['slots']} slots, {b['generated_tokens']} tokens: continuous "
-          f"{b['continuous_tokens_per_s']:.1f} vs static {b['static_tokens_per_s']:.1f} tokens/s "
-          f"-> {b['speedup']:.2f}x (goal >= 2x)")
-
+    b = batching(model, args.slots, args.requests, args.max_prompt, args.max_output, args.chunk, args.repeats)
+    print(f"batching, {b['requests']} requests (prompts 16-{args.max_prompt}, {b['prompt_tokens']} tokens; outputs "
+          f"8-{args.max_output}, {b['generated_tokens']} tokens) through {b['slots']} slots, {b['programs']} "
+          f"programs, medians of {b['repeats']} alternated runs: continuous {b['continuous']['tokens_per_s']:.1f} "
+          f"vs static {b['static']['tokens_per_s']:.1f} tokens/s -> {b['static']['speedup']:.2f}x (goal >= 2x); "
+          f"vs waves through serve {b['waves']['tokens_per_s']:.1f} tokens/s -> {b['waves']['speedup']:.2f}x")
+    print(f"  decode steps: static {b['static_decode_steps']}, continuous {b['continuous']['decode_steps']} "
+          f"(no schedule of {b['slots']} slots takes fewer than {b['min_decode_steps']})")
+    for mode in ("continuous", "waves"):
+        m = b[mode]
+        print(f"  {mode}: {m['seconds']:.1f} s = prompt-chunk steps {m['prefill_steps_s']:.1f} s + "
+              f"{m['decode_steps']} decode steps {m['decode_steps_s']:.1f} s + host {m['host_s']:.1f} s")
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 import oracle
+from v4jax import cli, evaluate
+from v4jax.cli.eval import partial_path
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
 from v4jax.evaluate import (
@@ -165,3 +167,50 @@ def test_buckets_hold_little_padding_and_fill_the_data_parallel_size():
     assert np.isclose(padded_fraction(batches), 1 - real / sum(b.rows * b.width for b in batches))
     with pytest.raises(ValueError, match="batch_size must be a positive multiple of 2, got 3"):
         plan_batches(windows, batch_size=3, multiple=2)
+
+
+# ---------------------------------------------------------------------------- resuming a killed run
+class Killed(Exception):
+    """Stands for SIGKILL: nothing after the raising batch reaches the disk."""
+
+
+def test_a_run_killed_inside_a_long_document_keeps_its_scored_windows(word_ckpt, tmp_path, capsys, monkeypatch):
+    """A 60-token document scored as windows of 16 (four windows, one per batch) and a short one:
+    a run killed during the third batch leaves the first two windows in the partial file and no
+    row; the rerun scores only the other three windows and writes, row for row and byte for byte,
+    the file an uninterrupted run writes, then drops the partial file. A partial line that is not
+    a window of the data is refused naming file:line."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"ids": list(range(3, 63))}) + "\n" + json.dumps({"ids": [7, 8, 9]}) + "\n")
+    argv = ["eval", "--ckpt", str(word_ckpt), "--data", str(data), "--max-len", "16", "--batch", "1",
+            "--dtype", "float32", "--no-quant-sim", "--logprobs"]
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    cli.main([*argv, "--out", str(full)])
+    capsys.readouterr()
+    scored = []
+    score_batch = evaluate.score_batch
+
+    def dies_in_third(model, batch, *args):
+        if len(scored) == 2:
+            raise Killed
+        scored.append([(w.row, w.part) for w in batch.windows])
+        return score_batch(model, batch, *args)
+
+    monkeypatch.setattr(evaluate, "score_batch", dies_in_third)
+    with pytest.raises(Killed):
+        cli.main([*argv, "--out", str(part)])
+    assert part.read_text() == ""
+    lines = partial_path(part).read_text().splitlines()
+    assert [(r["row"], r["part"], len(r["logprobs"])) for r in map(json.loads, lines)] == [(0, 0, 15), (0, 1, 15)]
+    scored.clear()
+    monkeypatch.setattr(evaluate, "score_batch", lambda m, b, *a: scored.append(b.windows) or score_batch(m, b, *a))
+    cli.main([*argv, "--out", str(part)])
+    assert json.loads(capsys.readouterr().out)["rows_scored"] == 2
+    assert sorted((w.row, w.part) for ws in scored for w in ws) == [(0, 2), (0, 3), (1, 0)]
+    assert part.read_text() == full.read_text() and not partial_path(part).exists()
+
+    partial_path(part).write_text(json.dumps({"row": 0, "part": 9, "logprobs": [0.0], "is_greedy": False}) + "\n")
+    part.write_text("")
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--out", str(part)])
+    assert "part.jsonl.partial:1: not a window of this data (row 0, part 9)" in capsys.readouterr().err

@@ -182,6 +182,30 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(gen):
     assert gen.compiled_shapes() == 3  # shared first chunks, one slot's chunks alone, decode: width 16, 16, 1
 
 
+def test_a_stop_string_ends_its_sequence_as_soon_as_it_appears_and_frees_the_slot(gen):
+    """Three greedy requests through two slots; the first stops at a stop string (StopStrings over a
+    word-level tokenizer): it ends at the first token whose text holds the string, its text cut
+    there is the full output's cut, and the third request, served in the freed slot, is unchanged."""
+    from tokenizers import Tokenizer, models
+
+    from v4jax.generate import StopStrings
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
+    greedy = Sampling(temperature=0)
+    full = gen.generate(PROMPTS, max_new_tokens=12, sampling=greedy).sequences
+    words = [f"w{t}" for t in full[0].tokens]
+    stop = words[5] + " " + words[6]  # two tokens' text, so the check spans steps
+    first = next(k for k in range(1, 13) if stop in " ".join(words[:k]))
+    requests = [Request(p, 12, greedy) for p in PROMPTS]
+    requests[0] = Request(PROMPTS[0], 12, greedy, until=StopStrings(tokenizer, ["never", stop]))
+    order, got = [], {}
+    for i, completion in gen.serve(requests):
+        order.append(i)
+        got[i] = completion
+    assert got[0].finish_reason == "stop" and got[0].tokens == full[0].tokens[:first] and first < 12
+    assert tokenizer.decode(got[0].tokens).split(stop)[0] == " ".join(words).split(stop)[0]
+    assert order[0] == 0 and [got[i].tokens for i in (1, 2)] == [full[1].tokens, full[2].tokens]
+
 def test_prompts_are_checked_before_any_step_runs(model):
     gen = Generator(model, batch_size=2, max_len=64, prefill_chunk=16)
     with pytest.raises(DataError, match=r"^prompt 1: token id 600 \(position 2\) is outside the vocabulary \[0, 512\)$"):

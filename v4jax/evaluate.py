@@ -148,10 +148,16 @@ def score_batch(model, batch: Batch, pad_id: int = 0) -> list[tuple[np.ndarray, 
     return [(logp[r, w.start - 1:w.end - 1], greedy[r, w.start - 1:w.end - 1]) for r, w in enumerate(batch.windows)]
 
 
+Piece = tuple[int, np.ndarray, np.ndarray]  # a scored window of a row: (its part, log p [n], greedy hit [n])
+
+
 def score(model, windows: Sequence[Window], batches: Sequence[Batch], pad_id: int = 0,
-          on_batch: Callable[[Batch], None] | None = None) -> Iterator[tuple[int, Score]]:
+          on_batch: Callable[[Batch, list[tuple[Window, np.ndarray, np.ndarray]]], None] | None = None,
+          scored: dict[int, list[Piece]] | None = None) -> Iterator[tuple[int, Score]]:
     """(row, Score) of every row as soon as the batch holding its last window is scored; each
-    row's windows are added up in document order. `batches` is a plan of `windows`."""
+    row's windows are added up in document order. `batches` is a plan of `windows`; scored holds
+    the windows of rows an earlier run scored in part (not in `windows`), which count as scored
+    here. on_batch(batch, [(window, log p, greedy hit)]) follows each batch's rows."""
     for w in windows:
         if not 1 <= w.start <= w.end <= len(w.tokens):
             raise DataError(f"row {w.row}: span {(w.start, w.end)} is not inside a window of {len(w.tokens)} tokens")
@@ -159,18 +165,25 @@ def score(model, windows: Sequence[Window], batches: Sequence[Batch], pad_id: in
     left: dict[int, int] = {}
     for w in windows:
         left[w.row] = left.get(w.row, 0) + 1
-    parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    parts = {row: list(pieces) for row, pieces in (scored or {}).items()}
+    for row in [r for r in parts if r not in left]:  # nothing left to score
+        yield row, _total(parts.pop(row))
     for batch in batches:
-        for w, (logp, greedy) in zip(batch.windows, score_batch(model, batch, pad_id)):
+        pieces = list(zip(batch.windows, *zip(*score_batch(model, batch, pad_id))))
+        for w, logp, greedy in pieces:
             parts.setdefault(w.row, []).append((w.part, logp, greedy))
             left[w.row] -= 1
             if left[w.row] == 0:
-                pieces = [(lp, g) for _, lp, g in sorted(parts.pop(w.row), key=lambda p: p[0])]
-                logp_all = np.concatenate([lp for lp, _ in pieces]).astype(np.float64)
-                yield w.row, Score(float(logp_all.sum()), bool(all(g.all() for _, g in pieces)), logp_all.size,
-                                   tuple(logp_all.tolist()))
+                yield w.row, _total(parts.pop(w.row))
         if on_batch is not None:
-            on_batch(batch)
+            on_batch(batch, pieces)
+
+
+def _total(pieces: list[Piece]) -> Score:
+    """A row's Score from all its windows' pieces (any order)."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    logp = np.concatenate([lp for _, lp, _ in pieces]).astype(np.float64)
+    return Score(float(logp.sum()), bool(all(g.all() for _, _, g in pieces)), logp.size, tuple(logp.tolist()))
 
 
 # ---------------------------------------------------------------------------- lm-eval-style entry points

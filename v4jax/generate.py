@@ -1,13 +1,15 @@
 """Generation: continuous batching over fixed slots, chunked prefill, plain or speculative decode (spec §2.8).
 
 A `Generator` owns `batch_size` slots and compiles one step program per token-chunk
-width. Requests wait in a queue; a slot whose sequence finished takes the next one
-at once, its state rows are cleared and its prompt is fed in chunks of at most
-`prefill_chunk` tokens inside the steps that decode the other slots (one step, one
-program: per-row lengths say what each slot feeds, 0 leaves a slot untouched).
-Results come back as each request finishes. Widths are 1 (2 with speculation) for
-steps that only decode and a power-of-two bucket for steps with prompt tokens, so
-nothing recompiles per step, per prompt length or per request.
+width (and, for the slots refilling together, per power-of-two count of them). Requests wait
+in a queue; a slot whose sequence finished takes the next one at once, its state rows are
+cleared and its prompt is fed in chunks of at most `prefill_chunk` tokens: each round, every
+slot with prompt left feeds one chunk in one shared step over just those slots (their rows
+gathered from the state and written back), then the decoding slots take a step (per-row
+lengths say what each slot feeds, 0 leaves a slot untouched). Results come back as each
+request finishes. Widths are 1 (2 with speculation) for steps that only decode and a
+power-of-two bucket for steps with prompt tokens, so nothing recompiles per step, per prompt
+length or per request (`warm_up` compiles them all up front).
 
 With speculative=True every decoding slot also verifies one token drafted by the
 MTP block (v4jax.speculative): greedy output is plain greedy's, sampled output
@@ -62,12 +64,15 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()
     seed: int = 0
     key_index: int = 0
+    # after each step that drew tokens, until(the tokens drawn so far) -> True ends the sequence
+    # there ("stop", its tokens kept): stop strings, checked on the decoded text as it grows
+    until: Callable[[Sequence[int]], bool] | None = None
 
 
 @dataclasses.dataclass
 class Completion:
     tokens: list[int]  # generated tokens; a stop token that ended the sequence is not included
-    finish_reason: str  # "stop" (a stop token was drawn) or "length" (max_new_tokens or max_len reached)
+    finish_reason: str  # "stop" (a stop token was drawn, or `until` said so) or "length" (max_new_tokens or max_len)
     drafted: int = 0  # verify steps with an MTP draft (speculative decoding)
     accepted: int = 0  # of those drafts, how many were kept
 
@@ -76,7 +81,7 @@ class Completion:
 class Generation:
     sequences: list[Completion]
     prompt_tokens: int
-    prefill_seconds: float = 0.0  # steps that fed prompt tokens (decode rows ride along), compiles included
+    prefill_seconds: float = 0.0  # steps that fed prompt tokens (on a mesh decode rows ride along), compiles included
     decode_seconds: float = 0.0  # steps that only decoded, except those that compiled
     decode_tokens: int = 0  # tokens those steps drew
     decode_steps: int = 0  # how many such steps
@@ -102,7 +107,6 @@ class _Slot:
 
     index: int
     request: Request
-    key: jax.Array
     budget: int
     fed: int = 0
     pending: int = 0  # drawn, not yet fed
@@ -151,7 +155,7 @@ class Generator:
         self._graphdef, self._params = nnx.split(model)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
-        self._row_step = jax.jit(self._row_fn, donate_argnums=(1,))
+        self._rows_step = jax.jit(self._rows_fn, donate_argnums=(1,))
         self._clear = jax.jit(clear_rows, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ programs
@@ -164,23 +168,21 @@ class Generator:
         tokens = sample(last, keys, controls.temperature, controls.top_k, controls.top_p)
         return tokens, last, state
 
-    def _row_fn(self, params, state, row, ids, lengths, drafted, follow, q, controls: Controls):
-        """One slot's step on its own: row (a scalar) of the state, ids [1, T] -> as verify_step, with
-        the full q and state (the row's parts written back in place)."""
-        def take(a, axis):
-            return jax.lax.dynamic_slice_in_dim(a, row, 1, axis)
-
-        sub = jax.tree.map(take, state, _batch_axes(state))
-        one = Controls(*(take(c, 0) for c in controls))
+    def _rows_fn(self, params, state, rows, ids, lengths, drafted, follow, q, controls: Controls):
+        """A step of some slots on their own: rows [k] distinct slot numbers, ids [k, T] -> as verify_step
+        over those rows ([k] results), with the full q and state (the rows' parts written back in place).
+        A row fed nothing (lengths 0: a filler up to a bucketed k) keeps its state and its q."""
+        axes = _batch_axes(state)
+        sub = jax.tree.map(lambda a, axis: jnp.take(a, rows, axis=axis), state, axes)
+        some = Controls(*(c[rows] for c in controls))
         if self.speculative:
-            token, accepted, draft, q_row, sub = verify_step(nnx.merge(self._graphdef, params), sub, ids, lengths,
-                                                            drafted, follow, take(q, 0), one)
-            q = jax.lax.dynamic_update_slice_in_dim(q, q_row, row, 0)
+            token, accepted, draft, q_rows, sub = verify_step(nnx.merge(self._graphdef, params), sub, ids, lengths,
+                                                             drafted, follow, q[rows], some)
+            q = q.at[rows].set(jnp.where((lengths > 0)[:, None], q_rows, q[rows]))
         else:
-            token, _, sub = self._step_fn(params, sub, ids, lengths, one)
+            token, _, sub = self._step_fn(params, sub, ids, lengths, some)
             accepted, draft = jnp.zeros_like(drafted), token
-        state = jax.tree.map(lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis), state, sub,
-                             _batch_axes(state))
+        state = jax.tree.map(lambda a, r, axis: a.at[(slice(None),) * axis + (rows,)].set(r), state, sub, axes)
         return token, accepted, draft, q, state
 
     def _call(self, fn, *args):
@@ -193,8 +195,33 @@ class Generator:
         return self._call(self._step, self._params, state, ids, lengths, controls)
 
     def compiled_shapes(self) -> int:
-        """How many step programs have been compiled (one per distinct chunk width)."""
-        return self._step._cache_size() + self._verify._cache_size() + self._row_step._cache_size()
+        """How many step programs have been compiled (one per chunk width and, for steps of some slots on
+        their own, per bucketed number of slots)."""
+        return self._step._cache_size() + self._verify._cache_size() + self._rows_step._cache_size()
+
+    def warm_up(self) -> int:
+        """Compile every step program serve() can run (each run once, feeding nothing, on a scratch
+        state) and the slot-clearing one, so no request pays a compile. Returns how many step
+        programs there are."""
+        state = self.new_state()
+        q = jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32)
+        controls = self.controls()
+        widths = sorted({bucket(1 << k, self.min_bucket) for k in range(self.prefill_chunk.bit_length())})
+        parts = [] if self.mesh is not None else [1 << k for k in range((self.batch_size - 1).bit_length())]
+        shapes = [(self.batch_size, 1 + self.speculative)] + [(r, w) for w in widths for r in parts + [self.batch_size]]
+        for rows, width in shapes:  # decode steps always take the whole batch
+            ids, n = np.zeros((rows, width), np.int32), np.zeros(rows, np.int32)
+            no = (np.zeros(rows, bool), np.full(rows, -1, np.int32))
+            if rows < self.batch_size:
+                _, _, _, q, state = self._call(self._rows_step, self._params, state, np.arange(rows, dtype=np.int32),
+                                               ids, n, *no, q, controls)
+            elif self.speculative:
+                _, _, _, q, state = self.verify(state, ids, n, *no, q, controls)
+            else:
+                _, _, state = self._run(state, ids, n, controls)
+        jax.block_until_ready(self._call(self._clear, state, np.zeros(self.batch_size, bool)))
+        self._slot_controls([None] * self.batch_size)
+        return self.compiled_shapes()
 
     # ------------------------------------------------------------------ state and inputs
     def new_state(self) -> dict:
@@ -328,30 +355,31 @@ class Generator:
         self.check(request.prompt, f"request {index}")
         # the last generated token is never fed back, so a sequence may end at max_len + 1 tokens
         budget = min(request.max_new_tokens, self.max_len + 1 - len(request.prompt))
-        return _Slot(index, request, sequence_keys(request.seed, [request.key_index])[0], budget)
+        return _Slot(index, request, budget)
 
     def _slot_controls(self, slots) -> Controls:
-        filler = sequence_keys(0, [0])[0]
-        keys = jnp.stack([s.key if s is not None else filler for s in slots])
-        return Controls(keys, *_settings([s.request.sampling if s is not None else Sampling() for s in slots]))
+        seeds, indices = (np.array([getattr(s.request, f) if s is not None else 0 for s in slots], np.uint32)
+                          for f in ("seed", "key_index"))
+        return Controls(_slot_keys(seeds, indices),
+                        *_settings([s.request.sampling if s is not None else Sampling() for s in slots]))
 
     def _advance(self, slots, state, q, controls: Controls, on_token, stats):
-        """Prompt chunks and decode steps for the slots. While some slots decode, a prompt chunk runs
-        on its own row (a batch-1 program: it costs its own tokens, not batch x width), then the
-        decoding slots take a step; slots that start together (nothing decodes yet) share steps. On a
-        mesh every step shares the batch (a batch of one would not split over the data axes)."""
+        """One round of steps: the slots with prompt left take a chunk each, together in one step (a
+        program over just those slots, their count padded to a power of two, so it costs their tokens,
+        not batch x width), then the slots that were decoding take a step. On a mesh every step shares
+        the whole batch (a part of it would not split over the data axes)."""
         live = np.array([s is not None for s in slots])
         pre = np.array([s is not None and s.fed < len(s.request.prompt) for s in slots])
-        if self.mesh is None and pre.any() and (live & ~pre).any():
-            row = int(np.flatnonzero(pre)[0])
-            state, q = self._step_rows(slots, np.arange(self.batch_size) == row, state, q, controls, on_token,
-                                       stats, row)
-            return self._step_rows(slots, live & ~pre, state, q, controls, on_token, stats)
-        return self._step_rows(slots, live, state, q, controls, on_token, stats)
+        if self.mesh is not None or not pre.any():
+            return self._step_rows(slots, live, state, q, controls, on_token, stats)
+        state, q = self._step_rows(slots, pre, state, q, controls, on_token, stats, alone=True)
+        if (live & ~pre).any():
+            state, q = self._step_rows(slots, live & ~pre, state, q, controls, on_token, stats)
+        return state, q
 
-    def _step_rows(self, slots, rows, state, q, controls: Controls, on_token, stats, row: int | None = None):
+    def _step_rows(self, slots, rows, state, q, controls: Controls, on_token, stats, alone: bool = False):
         """One step for the slots in rows [batch] bool: a prompt chunk, or the pending token (and its
-        draft); row: run that one slot alone in a batch-1 program."""
+        draft); alone: run those slots in a program of their own (bucketed count) unless that is the batch."""
         n = np.zeros(self.batch_size, np.int32)
         prefilling = np.zeros(self.batch_size, bool)
         drafted = np.zeros(self.batch_size, bool)
@@ -375,14 +403,20 @@ class Generator:
                     follow[b] = prompt[s.fed + n[b]]
             else:
                 ids[b, :n[b]] = [s.pending, s.draft][:n[b]]
+        # a part of the batch: its slots, then fillers (distinct slots fed nothing) up to a power of two
+        part = None
+        if alone and bucket(int(rows.sum()), 1) < self.batch_size:
+            part = np.concatenate([np.flatnonzero(rows), np.flatnonzero(~rows)])[:bucket(int(rows.sum()), 1)]
 
         compiled = self.compiled_shapes()
         t0 = time.perf_counter()
-        if row is not None:
-            one = slice(row, row + 1)
-            token, accepted, draft, q, state = self._call(self._row_step, self._params, state, row, ids[one], n[one],
-                                                          drafted[one], follow[one], q, controls)
-            token, accepted, draft = (np.repeat(fetch(a), self.batch_size) for a in (token, accepted, draft))
+        if part is not None:
+            results = self._call(self._rows_step, self._params, state, part.astype(np.int32), ids[part], n[part],
+                                 drafted[part], follow[part], q, controls)
+            token, accepted, draft = (np.zeros(self.batch_size, a.dtype) for a in results[:3])
+            for full, got in zip((token, accepted, draft), results[:3]):
+                full[part] = fetch(got)
+            q, state = results[3:]
         elif self.speculative:
             token, accepted, draft, q, state = self.verify(state, ids, n, drafted, follow, q, controls)
         else:
@@ -403,6 +437,8 @@ class Generator:
                     s.accepted += 1
                     s.emit(int(s.draft), on_token)
             s.emit(int(token[b]), on_token)
+            if s.request.until is not None and s.reason != "stop" and len(s.out) > before and s.request.until(s.out):
+                s.reason, s.done = "stop", True
             drawn += len(s.out) - before
             s.pending = int(token[b])
             if self.speculative:
@@ -423,6 +459,13 @@ def _batch_axes(state: dict) -> dict:
     if "mtp" in state:
         axes["mtp"] = {k: 0 for k in state["mtp"]}
     return axes
+
+
+@jax.jit
+def _slot_keys(seeds, indices):
+    """[batch] seeds and request indices -> [batch] keys, each sequence_keys(seed, [index]) (one program
+    for a whole batch's admissions, not a round of eager ops per request)."""
+    return jax.vmap(lambda seed, index: sequence_keys(seed, index[None])[0])(seeds, indices)
 
 
 def _settings(rows: Sequence[Sampling]):
@@ -454,6 +497,22 @@ class TextStream:
             return ""
         new, self.text = text[len(self.text):], text
         return new
+
+
+class StopStrings:
+    """`Request.until` for stop strings: whether the text decoded so far holds one of them (only
+    the text new since the last call, and the few characters before it, are searched)."""
+
+    def __init__(self, tokenizer, until: Sequence[str]):
+        self.stream, self.until = TextStream(tokenizer), [u for u in until if u]
+        self.reach = max(map(len, self.until), default=1) - 1  # a stop string may start this far back
+
+    def __call__(self, tokens: Sequence[int]) -> bool:
+        seen = len(self.stream.text)
+        for token in tokens[len(self.stream.tokens):]:
+            self.stream.push(token)
+        tail = self.stream.text[max(0, seen - self.reach):]
+        return any(u in tail for u in self.until)
 
 
 def stop_tokens_of(ckpt: str | Path) -> list[int]:

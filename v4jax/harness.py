@@ -11,7 +11,8 @@ default, so a task scores the same through either on the same weights:
 - windows hold at most `max_length` input tokens (the context's oldest tokens go first), and a
   rolling document is [prefix] + its tokens, every token of it scored once;
 - generation left-truncates the prompt to `max_length - max_gen_toks`, stops at the EOS token
-  and cuts the decoded text at the first stop string.
+  and cuts the decoded text at the first stop string; a sequence stops as soon as its text
+  holds one (HFLM's stopping criteria), so the cut text is that of the full `max_gen_toks`.
 A v4jax window is the input plus the one token after it, hence `max_length + 1` below.
 """
 
@@ -29,7 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from v4jax import data, evaluate
 from v4jax.checkpoint.loading import load_pretrained
 from v4jax.errors import ConfigError
-from v4jax.generate import Generator, stop_tokens_of
+from v4jax.generate import Generator, Request, StopStrings, stop_tokens_of
 from v4jax.sampling import Sampling
 from v4jax.sharding import make_mesh, use_rules
 
@@ -128,9 +129,11 @@ class V4jaxLM(LM):
             gen = Generator(self.model, batch_size=min(self.batch_size, -(-len(prompts) // self.multiple)
                                                        * self.multiple),
                             max_len=max(map(len, prompts)) + max_gen, mesh=self.mesh)
-            result = gen.generate(prompts, max_gen, sampling, seed=self.seed, stop_tokens=[self.eot_token_id])
-            for i, seq in zip(rows, result.sequences, strict=True):
-                text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-                out[i] = postprocess_generated_text(text, until, None)
+            # a sequence ends, and frees its slot, as soon as its text holds a stop string
+            queue = [Request(p, max_gen, sampling, frozenset([self.eot_token_id]), self.seed, k,
+                             StopStrings(self.tokenizer, until)) for k, p in enumerate(prompts)]
+            for k, completion in gen.serve(queue):
+                text = self.tokenizer.decode(completion.tokens, skip_special_tokens=True)
+                out[rows[k]] = postprocess_generated_text(text, until, None)
         return out
 
