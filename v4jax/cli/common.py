@@ -184,11 +184,9 @@ def checkpoint_config(ckpt: Path) -> ModelConfig:
 
 
 def position_limit(ckpt: Path) -> int | None:
-    """max_position_embeddings of the checkpoint's config.json (None where it gives none): the
-    longest sequence the published model is meant to run."""
-    raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    limit = raw.get("max_position_embeddings")
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    """The checkpoint's max_position_embeddings (None where its config gives none): the longest
+    sequence the published model is meant to run."""
+    return checkpoint_config(ckpt).max_position_embeddings
 
 
 def mesh_of(spec: str | None):
