@@ -3,7 +3,6 @@ naming the file and tensor / key / leaf, and nothing is written or lost (the sou
 output or staging folder left, an existing destination never replaced). Real-world folders
 (relative paths, Hugging Face cache snapshots of symlinks) convert and export back byte for byte."""
 
-import contextlib
 import hashlib
 import importlib
 import json
@@ -29,6 +28,8 @@ from v4jax.checkpoint import CheckpointError, convert, export, load_flat, model_
 from v4jax.checkpoint import converter
 from v4jax.checkpoint.reader import read_published
 from v4jax.checkpoint.staging import OWNER
+
+from test_checkpoint_fuzz import time_limit
 
 layout_module = importlib.import_module("v4jax.checkpoint.model_layout")  # the package exports a function of that name
 
@@ -389,19 +390,6 @@ def test_training_save_records_checksums_and_a_damaged_step_names_the_leaf(tmp_p
 
 
 # ---------------------------------------------------------------------------- probing beyond the listed classes
-@contextlib.contextmanager
-def within(seconds: int):
-    """Fail (not hang) if the body runs longer than `seconds`."""
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_output_inside_its_source_folder_is_refused(src, converted, tmp_path):
@@ -433,7 +421,7 @@ def test_a_fifo_or_device_in_place_of_a_json_file_is_refused_not_read_forever(sr
         os.mkfifo(src / file)
     else:
         (src / file).symlink_to("/dev/zero")
-    with within(60):
+    with time_limit(60):
         refused(lambda: convert(src, tmp_path / "out" / "conv", progress=False),
                 rf"{re.escape(file)}: cannot read.*not a regular file", src, tmp_path / "out")
 
