@@ -156,3 +156,10 @@ def test_training_batches_resume_from_a_saved_position_and_cover_every_row_each_
         assert batch.keys() == want.keys() and all(np.array_equal(batch[k], want[k]) for k in want)
     with pytest.raises(DataError, match=r"data packs into 6 rows of 4 tokens: fewer than one batch of 7$"):
         data.training_batches(rows, batch_size=7)
+
+
+def test_training_batches_of_one_row_run_past_an_epoch():
+    rows = data.pack_rows([([i + 1] * 3, [1] * 3) for i in range(3)], seq_len=4)
+    it = data.training_batches(rows, batch_size=1, seed=0)  # Grain's endless repeat overflowed len() here
+    got = [int(next(it)["input_ids"][0, 0]) for _ in range(6)]
+    assert sorted(got[:3]) == sorted(got[3:]) == [1, 2, 3]

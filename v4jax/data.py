@@ -174,7 +174,10 @@ def training_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int = 0
     if n_rows < batch_size:
         raise DataError(f"data packs into {n_rows} rows of {seq_len} tokens: fewer than one batch of {batch_size}")
     source = [{k: v[i] for k, v in rows.items()} for i in range(n_rows)]
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(batch_size)
+    # Grain's endless repeat has length rows x sys.maxsize, which overflows len() once the batches
+    # are fewer than the rows' multiple; 2^40 rows (in whole epochs) is endless in practice.
+    epochs = max(1, 2**40 // n_rows)
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs=epochs).batch(batch_size)
     # Synchronous reads: the saved position is exactly the next batch the step gets.
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
