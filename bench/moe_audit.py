@@ -114,7 +114,11 @@ def abstract_model(cfg: ModelConfig):
 
 
 def _unrolled_map(f, xs, **_):
-    """lax.map(f, xs) as one vmap: the same FLOPs, counted for every iteration."""
+    """lax.map(f, xs) unrolled, so that every iteration is counted: attention's query blocks (xs, an
+    index range) one by one, since each block's indexer switch must stay a conditional (counted as
+    its widest branch; vmap would run every branch); anything else (the tiled experts' tiles) as one vmap."""
+    if isinstance(xs, jax.Array) and xs.ndim == 1:
+        return jax.tree.map(lambda *ys: jnp.stack(ys), *(f(xs[i]) for i in range(xs.shape[0])))
     return jax.vmap(f)(xs)
 
 

@@ -1,5 +1,6 @@
 """Each piece of the math against the independent numpy oracle (tests/oracle.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from v4jax.attention import grouped_out_proj, sink_attention
 from v4jax.compressor import EMPTY_SCORE, pool_groups
 from v4jax.config import ModelConfig
 from v4jax.hyper_connections import hc_head, hc_post, hc_pre, sinkhorn
-from v4jax.indexer import indexer_scores, select_topk
+from v4jax.indexer import indexer_scores, prefix_widths, select_topk, select_visible_topk
 from v4jax.moe import clamped_swiglu, gate_scores, route
 from v4jax.rope import apply_rope, layer_inv_freq, rope_inv_freq
 
@@ -95,6 +96,33 @@ def test_indexer_scores_and_topk_set_match_oracle():
     idx, valid = select_topk(scores, jnp.asarray(visible)[None], k)
     got = [set(np.asarray(idx[0, t])[np.asarray(valid[0, t])].tolist()) for t in range(s)]
     assert got == oracle.indexer_topk(ref, positions, ratio, k)
+
+
+def test_indexer_over_the_visible_prefix_picks_the_slots_of_scoring_every_entry():
+    heads, dim, n, ratio, k, s = 2, 8, 40, 4, 3, 6
+    widths = prefix_widths(n, k, 8)
+    assert widths == (5, 10, 15, 20, 25, 30, 35, 40) and prefix_widths(6, 4, 8) == (4, 5, 6)
+    keys = f32(n, dim)
+    pick = jax.jit(lambda q, w, vis, n_vis: select_visible_topk(q, keys[None], w, vis, k, n_vis, widths))
+    for first in (0, 9, 50, 150):  # queries that see 0-2 entries (fewer than k), ~13, all 40
+        positions = np.arange(first, first + s)
+        q, w = f32(s, heads, dim), f32(s, heads)
+        visible = np.arange(n)[None, :] < ((positions + 1) // ratio)[:, None]
+        visible[:, 1] = False  # an entry of another document: visibility need not be a prefix
+        n_vis = min(n, (positions[-1] + 1) // ratio)
+        idx, valid, picked = pick(jnp.asarray(q)[None], jnp.asarray(w)[None], jnp.asarray(visible)[None], n_vis)
+        ref = oracle.indexer_scores(q, keys, w)
+        for t in range(s):
+            seen = np.nonzero(visible[t])[0]
+            want = seen[np.argsort(-ref[t, seen], kind="stable")[:k]]
+            real = np.asarray(idx[0, t])[np.asarray(valid[0, t])]
+            assert sorted(real.tolist()) == sorted(want.tolist()), (first, t)
+            if real.size:
+                close(np.asarray(picked[0, t])[np.asarray(valid[0, t])], ref[t, real])
+        full = select_topk(indexer_scores(jnp.asarray(q)[None], jnp.asarray(keys)[None], jnp.asarray(w)[None]),
+                           jnp.asarray(visible)[None], k)
+        np.testing.assert_array_equal(idx, full[0])  # the very slots, invalid ones included
+        np.testing.assert_array_equal(valid, full[1])
 
 
 def test_attention_with_sink_over_shared_and_gathered_keys_matches_oracle():

@@ -36,12 +36,17 @@ from v4jax.cache import LayerCache
 from v4jax.compressor import Compressor
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
-from v4jax.indexer import Indexer, indexer_scores, select_topk
+from v4jax.indexer import Indexer, indexer_scores, prefix_widths, select_topk, select_visible_topk
 from v4jax.linear import Linear
 from v4jax.norms import RMSNorm, rms_normalize
 from v4jax.params import normal, param
 from v4jax.rope import apply_rope, layer_inv_freq
-from v4jax.sharding import constrain
+from v4jax.sharding import active_rules, constrain
+
+
+# A CSA query block scores (and ranks) only the prefix of compressed entries it may see, its width
+# rounded up to one of this many even steps (one compiled branch each; 8: within 1/8 of the entries).
+INDEX_WIDTH_STEPS = 8
 
 
 def sink_probs(q, parts, sink, scale: float):
@@ -255,6 +260,10 @@ class Attention(nnx.Module):
         if ratio == 4:
             index_keys = cache.read("index_keys")  # [batch, N, d_I]; main entries are gathered per query
             n_entries = index_keys.shape[1]
+            # With the entries split over devices (sequence-parallel top-k) every query block scores them all.
+            layout = active_rules()
+            steps = 1 if layout is not None and layout.live_axes("cache_seq") else INDEX_WIDTH_STEPS
+            widths = prefix_widths(n_entries, cfg.index_topk, steps)
         if ratio and (ratio != 4 or indexer_kl == "dense"):
             entries = cache.read("entries")  # [batch, N, d]
             n_entries = entries.shape[1]
@@ -280,17 +289,21 @@ class Attention(nnx.Module):
                 visible = jnp.arange(n_entries) < ((p + 1) // ratio)[..., None]  # [batch, Qb, N]
                 if docs is not None:
                     visible &= entry_run[:, None, :] == q_run
-                if ratio == 4:
+                if ratio == 4 and indexer_kl == "dense":
                     scores = indexer_scores(sl(index_q, qb), index_keys, sl(index_w, qb))
                     idx, valid = select_topk(scores, visible, cfg.index_topk)
                     parts.append((cache.read("entries", idx), valid))  # [batch, Qb, k, d]
+                    dense = sink_probs(sl(q, qb), [parts[0], (entries, visible)], sink, scale)[1]
+                    side = {"scores": scores, "candidates": visible, "target": head_summed_target(dense, visible)}
+                elif ratio == 4:
+                    n_visible = jnp.minimum(jnp.max(p) + 1, n_entries * ratio) // ratio
+                    idx, valid, picked = select_visible_topk(sl(index_q, qb), index_keys, sl(index_w, qb), visible,
+                                                             cfg.index_topk, n_visible, widths)
+                    parts.append((cache.read("entries", idx), valid))  # [batch, Qb, k, d]
                     if indexer_kl == "sparse":
-                        side = {"scores": jnp.take_along_axis(scores, idx, axis=-1), "candidates": valid,
+                        side = {"scores": picked, "candidates": valid,
                                 "target": head_summed_target(sink_probs(sl(q, qb), parts, sink, scale)[1], valid),
                                 "index": idx}
-                    elif indexer_kl == "dense":
-                        dense = sink_probs(sl(q, qb), [parts[0], (entries, visible)], sink, scale)[1]
-                        side = {"scores": scores, "candidates": visible, "target": head_summed_target(dense, visible)}
                 else:
                     parts.append((entries, visible))
             return sink_attention(sl(q, qb), parts, sink, scale), side

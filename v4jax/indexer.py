@@ -45,6 +45,36 @@ def select_topk(scores, visible, k: int):
     return idx, best > -jnp.inf
 
 
+def prefix_widths(n_entries: int, k: int, steps: int) -> tuple[int, ...]:
+    """The prefixes of the compressed entries the indexer may score, ascending: `steps` even
+    steps up to n_entries, none shorter than the top-k (so every width yields k slots)."""
+    k = min(k, n_entries)
+    return tuple(sorted({max(k, -(-n_entries * j // steps)) for j in range(1, steps + 1)}))
+
+
+def select_visible_topk(q, keys, w, visible, k: int, n_visible, widths: tuple[int, ...]):
+    """select_topk over indexer_scores of only the first W entries, W the shortest of `widths`
+    holding the n_visible that any query may see: the same slots as scoring every entry.
+
+    q: [batch, Tq, H_I, d_I], keys: [batch, N, d_I], w: [batch, Tq, H_I], visible: [batch, Tq, N]
+    (nothing visible past n_visible), n_visible: [] int. Early query blocks of a long prefill (and
+    decode steps early in a long cache) see few entries; scoring and ranking all N would cost each
+    of them the whole cache's width. Returns idx, valid and the chosen slots' scores, [batch, Tq, k]
+    each (invalid slots as select_topk's: the lowest-numbered unseen entries, within any width >= k).
+    """
+
+    def over(width):
+        def scored(q, keys, w, visible):
+            scores = indexer_scores(q, keys[:, :width], w)
+            idx, valid = select_topk(scores, visible[..., :width], k)
+            return idx, valid, jnp.take_along_axis(scores, idx, axis=-1)
+
+        return scored
+
+    branch = jnp.searchsorted(jnp.asarray(widths), n_visible)  # the first width >= n_visible
+    return jax.lax.switch(branch, [over(width) for width in widths], q, keys, w, visible)
+
+
 def hadamard_rotate(x):
     """x: [..., n] -> x H_n n^-1/2 (orthonormal Sylvester rotation) in x's dtype.
 
