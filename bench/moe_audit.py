@@ -124,7 +124,7 @@ def _unrolled_map(f, xs, **_):
 
 def cost(fn, *args) -> dict:
     """cost_analysis of fn's compiled program, with every `lax.map` (attention's query blocks, the
-    tiled experts' chunks) unrolled: XLA counts a while loop's body once, whatever its trip count."""
+    tiled experts' tiles) unrolled: XLA counts a while loop's body once, whatever its trip count."""
     mapped, jax.lax.map = jax.lax.map, _unrolled_map
     try:
         return jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -164,7 +164,7 @@ def moe_layer(cfg: ModelConfig, tokens: int):
 
     ragged, abstract = layer(cfg.replace(moe_impl="ragged"), nnx.eval_shape)
     fast, state = layer(cfg, lambda f: f())
-    # Counted with the tiled path's chunk loop unrolled (a fresh function: jit caches traces by function).
+    # Counted with the tiled path's tile loop unrolled (a fresh function: jit caches traces by function).
     counted = cost(lambda *a: fast(*a), state, x, ids)["flops"]
     run = jax.jit(fast).lower(state, x, ids).compile()
     jax.block_until_ready(run(state, x, ids))

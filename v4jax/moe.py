@@ -8,7 +8,6 @@ grouped matmul here, expert-parallel ones in `v4jax.sharding`) shares it.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,6 @@ MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "tiled"}
 MOE_IMPLS = ("ragged", "tiled", "gather")
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
 MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
-TILE_WEIGHT_BYTES = 8 * 2**20  # gathered expert matrices alive at once in the tiled path: cache-sized
 
 
 def tile_rows(n_assign: int, n_experts: int) -> int:
@@ -127,14 +125,6 @@ def take_experts(w, idx, dtype):
     if idx.size >= codes.shape[0]:
         return expert_stack(w, dtype)[idx]
     return quant.dequant(_take(codes, idx), _take(scales, idx), dtype)
-
-
-def _matrix_shape(w) -> tuple[int, ...]:
-    """[out, in] of one expert's (dequantised) matrix."""
-    if not isinstance(w, tuple):
-        return w.shape[1:]
-    codes, scales = (jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in w)
-    return jax.eval_shape(lambda c, s: quant.dequant(c, s, jnp.float32), codes, scales).shape
 
 
 def ragged_matmul_t(x, w, group_sizes):
@@ -224,12 +214,11 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
 
         return _ffn(xs_t, rw_t, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
 
-    # Tiles run batched in chunks (lax.map), so the gathered expert matrices live for one chunk
-    # at a time: at most TILE_WEIGHT_BYTES of them, however many tiles a long prefill has. Chunks
-    # that fit in cache keep per-tile gathers cheap as E grows (XLA:CPU, the audit's MoE layer at
-    # E = 256, 16-row tiles: ~5x faster than with 256 MiB chunks).
-    per_tile = 3 * math.prod(_matrix_shape(w1)) * jnp.dtype(x.dtype).itemsize
-    y = jax.lax.map(tile, (xs, rw, tile_expert), batch_size=max(1, min(n_tiles, TILE_WEIGHT_BYTES // per_tile)))
+    # Tiles run one after another (lax.map), each gathering its expert's matrices just before its
+    # matmuls, so they are still in cache; a batch of tiles with a batch of gathered matrices was
+    # slower on XLA:CPU (the audit's MoE layer: 10-tile chunks ~10-25% slower at E = 8 .. 256,
+    # 256 MiB chunks ~5x slower at E = 256).
+    y = jax.lax.map(tile, (xs, rw, tile_expert))
     y = y.reshape(rows, -1)
     back = jnp.take(y, slot, axis=0, mode="fill", fill_value=0.0)  # [n*k, dim]; foreign rows 0
     return sum_slots(back.reshape(n, k, -1))
