@@ -85,9 +85,26 @@ def layer_stats(routing) -> list[dict]:
     return stats + ([routing["mtp"]] if routing["mtp"] is not None else [])
 
 
-def max_expert_load(routing) -> jax.Array:
-    """Max over the MoE layers of max / mean expert load."""
-    return jnp.max(jnp.stack([jnp.max(load_ratio(s["counts"])) for s in layer_stats(routing)]))
+def layer_counts(routing) -> jax.Array:
+    """The expert counts of every MoE layer in model order (hash-routed ones included), then the
+    MTP block's if it ran: [layers, E]. A segment's counts are [reps, E] per block of its unit,
+    and layer rep * len(unit) + j of the segment is block j's repetition rep."""
+    rows = [jnp.stack([s["counts"] for s in segment], axis=1).reshape(-1, segment[0]["counts"].shape[-1])
+            for segment in routing["layers"]]
+    if routing["mtp"] is not None:
+        rows.append(routing["mtp"]["counts"][None])
+    return jnp.concatenate(rows)
+
+
+def expert_loads(routing) -> dict[str, jax.Array]:
+    """Per MoE layer (as `layer_counts`): "expert_load_max" and "expert_load_min", the busiest and
+    the idlest expert's assignments over the mean (1: balanced; min 0: an expert nothing picked),
+    and "max_expert_load", the largest over the layers."""
+    counts = layer_counts(routing)
+    mean = jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
+    ratio = load_ratio(counts)
+    return {"expert_load_max": ratio, "expert_load_min": jnp.min(counts, axis=-1) / mean,
+            "max_expert_load": jnp.max(ratio)}
 
 
 def update_router_biases(model, routing, rate: float) -> None:
@@ -108,13 +125,15 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.P
     shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so the scalar
     step count is on the mesh too.
 
-    Its scalars (step counts) are committed to the parameters' devices: left uncommitted, the
-    first step sees other input shardings than every later one and compiles twice."""
+    Its scalars (step counts), and the model's variables made eagerly (a fresh `Transformer`), are
+    committed to the parameters' devices: left uncommitted, the first step sees other input
+    shardings than every later one (whose inputs are its outputs) and compiles twice."""
     optimizer = nnx.Optimizer(model, make_transform(config), wrt=wrt)
     first = jax.tree.leaves(nnx.state(model, wrt))[0].sharding
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    state = nnx.state(optimizer)
-    nnx.update(optimizer, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
+    for obj in (model, optimizer):
+        state = nnx.state(obj)
+        nnx.update(obj, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
     return optimizer
 
 
@@ -124,7 +143,8 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
                balance_weight: float = 0.0, bias_update_rate: float = 0.0, grad_accum: int = 1, wrt=nnx.Param,
                indexer_loss: str = "off", indexer_weight: float = 0.0):
     """One optimiser step over the variables `wrt` selects (as `make_optimizer` was given), then the
-    router-bias update (bias_update_rate > 0); returns the step's metrics (before the update).
+    router-bias update (bias_update_rate > 0); returns the step's metrics (before the update), the
+    per-layer expert loads (`expert_loads`) among them.
 
     input_ids, loss_mask, segment_ids: [grad_accum * micro, T]. The gradients and expert counts
     of the grad_accum micro-batches (consecutive rows) are summed in a scan, each micro-batch's
@@ -166,8 +186,7 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     optimizer.update(model, grads)
     if bias_update_rate:
         update_router_biases(model, routing, bias_update_rate)
-    return {"loss": loss, **metrics, "max_expert_load": max_expert_load(routing),
-            "grad_norm": optax.tree.norm(grads)}
+    return {"loss": loss, **metrics, **expert_loads(routing), "grad_norm": optax.tree.norm(grads)}
 
 
 def _counts(routing) -> dict:

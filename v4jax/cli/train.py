@@ -3,7 +3,9 @@
 The run folder OUT holds the Orbax steps (model, optimiser, and the data loader's position
 with each), `run.json` (the base checkpoint it started from), the base's config.json and
 tokenizer files (so `--ckpt OUT` works wherever a checkpoint folder is accepted), and
-`metrics.jsonl`, one JSON object per step. The data is read, checked and packed (at least
+`metrics.jsonl`, one JSON object per step (with `expert_load_max` / `expert_load_min`: per MoE
+layer, hash-routed ones included, then the MTP block, the busiest / idlest expert's load over
+the mean; `max_expert_load` the largest of the first). The data is read, checked and packed (at least
 one batch) before the model loads.
 """
 
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
                                            bias_update_rate=args.bias_update_rate, grad_accum=args.grad_accum,
                                            wrt=wrt, indexer_loss=args.indexer_loss,
                                            indexer_weight=args.indexer_weight)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}  # floats, per-layer lists
                 seconds = time.perf_counter() - start
                 tokens_per_s = float((batch["segment_ids"] > 0).sum()) / seconds
                 record = {"step": step + 1, "loss": metrics["loss"], "nll": metrics["nll"],
@@ -164,7 +166,9 @@ def run(args: argparse.Namespace) -> None:
                           "lr": float(lr(step)), "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
                           "mfu": (flops_per_token * tokens_per_s / (args.peak_tflops * 1e12)
                                   if args.peak_tflops else None),
-                          "max_expert_load": metrics["max_expert_load"]}
+                          "max_expert_load": metrics["max_expert_load"],
+                          "expert_load_max": metrics["expert_load_max"],
+                          "expert_load_min": metrics["expert_load_min"]}
                 step += 1
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
