@@ -10,6 +10,8 @@ their sharding: shard the model (v4jax.sharding) and the moments are sharded the
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import jax
@@ -23,12 +25,16 @@ from orbax.checkpoint.experimental import v1 as ocp
 from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context
+from v4jax.checkpoint.loading import load_pretrained
 from v4jax.config import ModelConfig
-from v4jax.errors import CheckpointError
+from v4jax.errors import CheckpointError, ConfigError
 from v4jax.indexer_loss import indexer_kl_loss
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig, make_transform
+from v4jax.sharding import use_rules
 from v4jax.tokens import token_logprobs
+
+RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, *,
             segment_ids=None, n_targets=None, n_micro: int = 1, indexer_loss: str = "off",
@@ -287,3 +293,38 @@ class Checkpoints:
 
 def _by_path(tree) -> dict[str, jax.Array]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ---------------------------------------------------------------------------- run folders
+def training_run(folder: str | Path) -> dict | None:
+    """The run.json of a training run folder ({"base", "dtype"}); None for any other folder."""
+    path = Path(folder) / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("base"), str)
+            and info.get("dtype") in ("bfloat16", "float32")):
+        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
+                              f"\"dtype\": \"bfloat16\" | \"float32\"}}")
+    if not Path(info["base"]).is_dir():
+        raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
+    return info
+
+
+def load_checkpoint(ckpt: str | Path, mesh=None, rules: str = "inference", *, dtype: str | None = None,
+                    quant_sim: bool = True, remat: bool = False) -> Transformer:
+    """`load_pretrained`, for a training run folder too: its base with the run's latest step restored
+    over it (every variable the run saved), in the run's dtype. Wherever a checkpoint folder is
+    accepted (the command line, the lm-eval model), this is how it loads."""
+    run = training_run(ckpt)
+    if run is None:
+        return load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
+    if dtype not in (None, run["dtype"]):
+        raise ConfigError(f"{ckpt}: a training run in {run['dtype']}, not dtype {dtype}")
+    model = load_pretrained(run["base"], mesh=mesh, rules=rules, dtype=run["dtype"], quant_sim=quant_sim, remat=remat)
+    with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        Checkpoints(ckpt).restore(model, None)
+    return model

@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 from v4jax.cli.common import (
-    RUN_INFO,
     UsageError,
-    training_run,
     add_model_options,
     check_batch,
     checkpoint_config,
@@ -98,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
     from v4jax.generate import stop_tokens_of
     from v4jax.indexer_loss import indexer_params
     from v4jax.optim import OptimizerConfig, schedule
+    from v4jax.train import RUN_INFO
 
     if args.indexer_loss == "dense" and args.lora_rank is not None:
         raise UsageError("--indexer-loss dense trains the indexer alone: it does not combine with --lora-rank")
@@ -181,6 +180,7 @@ def run(args: argparse.Namespace) -> None:
 def _start_run(out: Path, ckpt: Path, dtype: str) -> None:
     """What makes OUT a checkpoint folder too: its base and the base's config and tokenizer files."""
     from v4jax.checkpoint.reader import COMPANION_FILES
+    from v4jax.train import RUN_INFO
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json",) + COMPANION_FILES:
@@ -190,6 +190,8 @@ def _start_run(out: Path, ckpt: Path, dtype: str) -> None:
 
 
 def _check_same_base(out: Path, ckpt: Path) -> None:
+    from v4jax.train import training_run
+
     base = training_run(out)["base"]
     if base != str(ckpt):
         raise UsageError(f"--out {out}: a run from {base}, not from --ckpt {ckpt}")
