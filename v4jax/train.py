@@ -6,6 +6,7 @@ adapters for LoRA). Quantised codes, the hash table and the routing bias are not
 aux-loss-free rule. Rematerialisation is `cfg.remat` (each scanned block is recomputed
 in the backward pass). Optimiser state is created from the parameters, so it inherits
 their sharding: shard the model (v4jax.sharding) and the moments are sharded the same way.
+A training run folder (`v4jax train --out`) loads wherever a checkpoint does (`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from v4jax.sharding import use_rules
 from v4jax.tokens import token_logprobs
 
 RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
+
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, *,
             segment_ids=None, n_targets=None, n_micro: int = 1, indexer_loss: str = "off",

@@ -96,11 +96,10 @@ def run(args: argparse.Namespace) -> None:
     from v4jax.generate import stop_tokens_of
     from v4jax.indexer_loss import indexer_params
     from v4jax.optim import OptimizerConfig, schedule
-    from v4jax.train import RUN_INFO
 
     if args.indexer_loss == "dense" and args.lora_rank is not None:
         raise UsageError("--indexer-loss dense trains the indexer alone: it does not combine with --lora-rank")
-    started = (args.out / RUN_INFO).is_file()
+    started = (args.out / train.RUN_INFO).is_file()
     if args.out.is_dir() and any(args.out.iterdir()) and not started:
         raise UsageError(f"--out {args.out}: not empty and holds no training checkpoints; refusing to write into it")
     if started:
