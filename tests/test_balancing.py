@@ -51,6 +51,45 @@ def test_sequence_balance_loss_is_the_v3_formula_averaged_over_sequences():
     assert float(got) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
+def test_sequence_balance_loss_of_packed_rows_is_the_mean_over_their_documents():
+    """Training spec §10.2: with packing the loss's sequence is each document (its segment id), the
+    padding between and after documents excluded; a document id may recur in another row."""
+    scores, ids, _ = routing(2, t=12)
+    scores, ids = scores[:2], ids[:2]
+    e, k = scores.shape[-1], ids.shape[-1]
+    sequence = np.array([[1, 1, 1, 1, 0, 2, 2, 2, 3, 3, 0, 0],  # three documents, padding between and after
+                         [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]])  # two
+    losses = []
+    for b, doc in [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]:
+        real = np.flatnonzero(sequence[b] == doc)
+        f = np.array([sum(i in ids[b, r] for r in real) for i in range(e)]) * e / (k * len(real))
+        s = scores[b, real] / scores[b, real].sum(-1, keepdims=True)
+        losses.append(np.sum(f * s.mean(0)))
+    got = balancing.sequence_balance_loss(jnp.asarray(scores), jnp.asarray(ids), jnp.asarray(sequence))
+    assert float(got) == pytest.approx(np.mean(losses), rel=1e-5)
+    # Not the per-row loss: the documents' own normalisations differ from their row's.
+    per_row = balancing.sequence_balance_loss(jnp.asarray(scores), jnp.asarray(ids), jnp.asarray(sequence != 0))
+    assert abs(float(per_row) - float(got)) > 1e-3
+
+
+def test_expert_loads_per_layer_are_max_and_min_over_mean_in_model_order():
+    """Layers in model order from a segment's [reps, E] counts per unit block (layer rep * 2 + j
+    for a unit of two), then the MTP block's."""
+    from v4jax import train
+
+    rng = np.random.default_rng(4)
+    hash_seg = rng.integers(0, 9, (1, 6)).astype(np.float32)  # one hash-routed layer
+    unit = [rng.integers(0, 9, (2, 6)).astype(np.float32) for _ in range(2)]  # [hca, csa] x 2
+    mtp = rng.integers(1, 9, 6).astype(np.float32)
+    routing_stats = {"layers": [[{"counts": jnp.asarray(hash_seg)}], [{"counts": jnp.asarray(c)} for c in unit]],
+                     "mtp": {"counts": jnp.asarray(mtp)}}
+    layers = np.stack([hash_seg[0], unit[0][0], unit[1][0], unit[0][1], unit[1][1], mtp])
+    got = train.expert_loads(routing_stats)
+    np.testing.assert_allclose(np.asarray(got["expert_load_max"]), layers.max(1) / layers.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["expert_load_min"]), layers.min(1) / layers.mean(1), rtol=1e-6)
+    assert float(got["max_expert_load"]) == pytest.approx((layers.max(1) / layers.mean(1)).max(), rel=1e-6)
+
+
 def test_balance_loss_gradient_reaches_scores_only_through_p():
     scores, ids, mask = routing(1)
     e = scores.shape[-1]
@@ -137,3 +176,30 @@ def test_forward_routing_statistics_and_bias_update_equal_the_oracle_routing(mon
         np.testing.assert_allclose(np.asarray(after[name]), want, rtol=0, atol=1e-7, err_msg=name)
     want = np.asarray(before["mtp.0.ffn.gate.bias"]) + 1e-3 * np.sign(mtp_counts.mean() - mtp_counts)
     np.testing.assert_allclose(np.asarray(after["mtp.0.ffn.gate.bias"]), want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow  # two 2-layer forwards with routing statistics: ~60 s of CPU
+def test_packed_documents_give_the_balance_loss_and_counts_of_the_documents_run_as_rows():
+    """In the model: a row packing two documents (and padding) has, per MoE layer and for the MTP
+    block, the counts and balance loss of the same documents run as two rows of their own."""
+    from flax import nnx
+    from test_train import two_layer_config
+
+    from v4jax.model import Transformer
+
+    cfg = two_layer_config()
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (1, 256), 0, cfg.vocab_size))
+    segments = np.zeros((1, 256), np.int32)
+    segments[0, :128], segments[0, 128:228] = 1, 2
+    stats = nnx.jit(lambda m, x, s: m.forward(x, mtp=True, routing=True, segment_ids=s)[3])
+    packed = stats(model, jnp.asarray(ids), jnp.asarray(segments))
+    rows = np.zeros((2, 128), ids.dtype)
+    rows[0], rows[1, :100] = ids[0, :128], ids[0, 128:228]
+    alone = nnx.jit(lambda m, x: m.forward(x, mtp=True, routing=True, lengths=jnp.array([128, 100]))[3])(
+        model, jnp.asarray(rows))
+    for got, want in [(packed["mtp"], alone["mtp"]), *zip((s for seg in packed["layers"] for s in seg),
+                                                          (s for seg in alone["layers"] for s in seg))]:
+        np.testing.assert_array_equal(np.asarray(got["counts"]), np.asarray(want["counts"]))
+        np.testing.assert_allclose(np.asarray(got["balance"]), np.asarray(want["balance"]), rtol=1e-5)
+    assert float(packed["mtp"]["balance"]) > 0

@@ -49,8 +49,8 @@ class Block(nnx.Module):
         """x: [batch, T, n_hc, dim] -> (same, updated cache, side outputs); `layer` indexes a stacked
         cache, `docs` and `indexer_kl` are as for Attention.
 
-        Side outputs: {"routing": the MoE's routing statistics (see MoE)} with `valid` ([batch, T],
-        1 for real tokens), {"indexer": the attention's indexer-loss inputs} with indexer_kl on a CSA layer.
+        Side outputs: {"routing": the MoE's routing statistics (see MoE)} with `valid` ([batch, T]
+        int: 0 for tokens that do not count, else the token's document in its row), {"indexer": the attention's indexer-loss inputs} with indexer_kl on a CSA layer.
         """
         y, post, comb = self._hc("attn", x)
         a, cache, attn_side = self.attn(self.attn_norm(y), cache, start, lengths, layer, docs, indexer_kl)
@@ -194,7 +194,8 @@ class Transformer(nnx.Module):
         routing=True (training; whole sequences only) adds a fourth item, the training side
         outputs, with the routing statistics of every MoE layer (real tokens only: within
         lengths, segment id not 0): {"layers": per segment, per block of its unit, {"counts":
-        [reps, E], "balance": [reps]}; "mtp": the MTP block's, or None}. indexer_kl "dense" or
+        [reps, E], "balance": [reps], the balance loss averaged over the packed documents (rows
+        without segment_ids)}; "mtp": the MTP block's, or None}. indexer_kl "dense" or
         "sparse" (whole sequences only) adds the fourth item too, with "indexer": per CSA layer
         (segment by segment, each unit's blocks in order) the attention's indexer-loss inputs
         [reps, batch, T, C] (see Attention._attend_blocks; v4jax.indexer_loss turns them into the losses).
@@ -220,7 +221,11 @@ class Transformer(nnx.Module):
             docs = document_layout(segment_ids)
             real &= segment_ids != 0
             has_next &= jnp.pad(docs.run[:, 1:] == docs.run[:, :-1], [(0, 0), (0, 1)])
-        valid = real.astype(jnp.float32) if routing else None
+        # Which tokens the routing statistics count, and the sequence of the balance loss each is
+        # in: its packed document (training spec §10.2), else its row.
+        valid = None
+        if routing:
+            valid = real.astype(jnp.int32) if docs is None else jnp.where(real, docs.run + 1, 0)
         x, new_state, *sides = self.streams(input_ids, state, lengths, in_place, valid, docs, indexer_kl)
         sides = sides[0] if sides else []
         logits = collapse_and_project(self, self.norm, self.head.weight[...], x, self.cfg)
@@ -231,7 +236,7 @@ class Transformer(nnx.Module):
             if docs is not None:  # the shift stays inside the document: its last token gets the stand-in too
                 next_ids = jnp.where(has_next, next_ids, 0)
             # The last position's "next token" is a stand-in: it routes, but is no real token.
-            mtp_valid = None if valid is None else valid * has_next
+            mtp_valid = None if valid is None else jnp.where(has_next, valid, 0)
             mtp_logits, new_state["mtp"], *mtp_stats = self.mtp[0].predict(
                 x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths, mtp_valid, docs)
             mtp_stats = mtp_stats[0] if mtp_stats else None

@@ -331,9 +331,10 @@ class MoE(nnx.Module):
     def __call__(self, x, token_ids, valid=None):
         """x: [batch, T, dim], token_ids: [batch, T] -> [batch, T, dim].
 
-        With `valid` ([batch, T], 1 for real tokens) also the layer's routing statistics for
-        training (v4jax.balancing): {"counts": [E] assignments per expert over the real tokens,
-        "balance": the sequence-wise balance loss, 0 for hash-routed layers}.
+        With `valid` ([batch, T] int: 0 for tokens that do not count, else the token's sequence
+        in its row, i.e. its packed document) also the layer's routing statistics for training
+        (v4jax.balancing): {"counts": [E] assignments per expert over the real tokens, "balance":
+        the sequence-wise balance loss over those sequences, 0 for hash-routed layers}.
         """
         cfg = self.cfg
         scores = gate_scores(x, self.gate.weight[...])
@@ -350,4 +351,4 @@ class MoE(nnx.Module):
             return out
         hash_routed = hasattr(self.gate, "tid2eid")
         balance = jnp.zeros((), jnp.float32) if hash_routed else sequence_balance_loss(scores, ids, valid)
-        return out, {"counts": expert_counts(ids, cfg.n_routed_experts, valid), "balance": balance}
+        return out, {"counts": expert_counts(ids, cfg.n_routed_experts, valid != 0), "balance": balance}

@@ -6,10 +6,13 @@ adapters for LoRA). Quantised codes, the hash table and the routing bias are not
 aux-loss-free rule. Rematerialisation is `cfg.remat` (each scanned block is recomputed
 in the backward pass). Optimiser state is created from the parameters, so it inherits
 their sharding: shard the model (v4jax.sharding) and the moments are sharded the same way.
+A training run folder (`v4jax train --out`) loads wherever a checkpoint does (`load_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import jax
@@ -23,12 +26,17 @@ from orbax.checkpoint.experimental import v1 as ocp
 from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context
+from v4jax.checkpoint.loading import load_pretrained
 from v4jax.config import ModelConfig
-from v4jax.errors import CheckpointError
+from v4jax.errors import CheckpointError, ConfigError
 from v4jax.indexer_loss import indexer_kl_loss
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig, make_transform
+from v4jax.sharding import use_rules
 from v4jax.tokens import token_logprobs
+
+RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
+
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, *,
             segment_ids=None, n_targets=None, n_micro: int = 1, indexer_loss: str = "off",
@@ -85,9 +93,26 @@ def layer_stats(routing) -> list[dict]:
     return stats + ([routing["mtp"]] if routing["mtp"] is not None else [])
 
 
-def max_expert_load(routing) -> jax.Array:
-    """Max over the MoE layers of max / mean expert load."""
-    return jnp.max(jnp.stack([jnp.max(load_ratio(s["counts"])) for s in layer_stats(routing)]))
+def layer_counts(routing) -> jax.Array:
+    """The expert counts of every MoE layer in model order (hash-routed ones included), then the
+    MTP block's if it ran: [layers, E]. A segment's counts are [reps, E] per block of its unit,
+    and layer rep * len(unit) + j of the segment is block j's repetition rep."""
+    rows = [jnp.stack([s["counts"] for s in segment], axis=1).reshape(-1, segment[0]["counts"].shape[-1])
+            for segment in routing["layers"]]
+    if routing["mtp"] is not None:
+        rows.append(routing["mtp"]["counts"][None])
+    return jnp.concatenate(rows)
+
+
+def expert_loads(routing) -> dict[str, jax.Array]:
+    """Per MoE layer (as `layer_counts`): "expert_load_max" and "expert_load_min", the busiest and
+    the idlest expert's assignments over the mean (1: balanced; min 0: an expert nothing picked),
+    and "max_expert_load", the largest over the layers."""
+    counts = layer_counts(routing)
+    mean = jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
+    ratio = load_ratio(counts)
+    return {"expert_load_max": ratio, "expert_load_min": jnp.min(counts, axis=-1) / mean,
+            "max_expert_load": jnp.max(ratio)}
 
 
 def update_router_biases(model, routing, rate: float) -> None:
@@ -108,13 +133,15 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.P
     shardings; for a sharded model call this under `use_rules` (or `jax.set_mesh`) so the scalar
     step count is on the mesh too.
 
-    Its scalars (step counts) are committed to the parameters' devices: left uncommitted, the
-    first step sees other input shardings than every later one and compiles twice."""
+    Its scalars (step counts), and the model's variables made eagerly (a fresh `Transformer`), are
+    committed to the parameters' devices: left uncommitted, the first step sees other input
+    shardings than every later one (whose inputs are its outputs) and compiles twice."""
     optimizer = nnx.Optimizer(model, make_transform(config), wrt=wrt)
     first = jax.tree.leaves(nnx.state(model, wrt))[0].sharding
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    state = nnx.state(optimizer)
-    nnx.update(optimizer, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
+    for obj in (model, optimizer):
+        state = nnx.state(obj)
+        nnx.update(obj, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state))
     return optimizer
 
 
@@ -124,7 +151,8 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
                balance_weight: float = 0.0, bias_update_rate: float = 0.0, grad_accum: int = 1, wrt=nnx.Param,
                indexer_loss: str = "off", indexer_weight: float = 0.0):
     """One optimiser step over the variables `wrt` selects (as `make_optimizer` was given), then the
-    router-bias update (bias_update_rate > 0); returns the step's metrics (before the update).
+    router-bias update (bias_update_rate > 0); returns the step's metrics (before the update), the
+    per-layer expert loads (`expert_loads`) among them.
 
     input_ids, loss_mask, segment_ids: [grad_accum * micro, T]. The gradients and expert counts
     of the grad_accum micro-batches (consecutive rows) are summed in a scan, each micro-batch's
@@ -166,8 +194,7 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     optimizer.update(model, grads)
     if bias_update_rate:
         update_router_biases(model, routing, bias_update_rate)
-    return {"loss": loss, **metrics, "max_expert_load": max_expert_load(routing),
-            "grad_norm": optax.tree.norm(grads)}
+    return {"loss": loss, **metrics, **expert_loads(routing), "grad_norm": optax.tree.norm(grads)}
 
 
 def _counts(routing) -> dict:
@@ -268,3 +295,38 @@ class Checkpoints:
 
 def _by_path(tree) -> dict[str, jax.Array]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ---------------------------------------------------------------------------- run folders
+def training_run(folder: str | Path) -> dict | None:
+    """The run.json of a training run folder ({"base", "dtype"}); None for any other folder."""
+    path = Path(folder) / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("base"), str)
+            and info.get("dtype") in ("bfloat16", "float32")):
+        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
+                              f"\"dtype\": \"bfloat16\" | \"float32\"}}")
+    if not Path(info["base"]).is_dir():
+        raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
+    return info
+
+
+def load_checkpoint(ckpt: str | Path, mesh=None, rules: str = "inference", *, dtype: str | None = None,
+                    quant_sim: bool = True, remat: bool = False) -> Transformer:
+    """`load_pretrained`, for a training run folder too: its base with the run's latest step restored
+    over it (every variable the run saved), in the run's dtype. Wherever a checkpoint folder is
+    accepted (the command line, the lm-eval model), this is how it loads."""
+    run = training_run(ckpt)
+    if run is None:
+        return load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
+    if dtype not in (None, run["dtype"]):
+        raise ConfigError(f"{ckpt}: a training run in {run['dtype']}, not dtype {dtype}")
+    model = load_pretrained(run["base"], mesh=mesh, rules=rules, dtype=run["dtype"], quant_sim=quant_sim, remat=remat)
+    with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        Checkpoints(ckpt).restore(model, None)
+    return model

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.resources
-import json
 import math
 import os
 from pathlib import Path
@@ -24,7 +23,6 @@ from v4jax.errors import CheckpointError, V4jaxError
 
 CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
 PUBLISHED_INDEX = "model.safetensors.index.json"
-RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
 
 
 class UsageError(V4jaxError):
@@ -148,28 +146,11 @@ def _check_ancestors(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def training_run(ckpt: Path) -> dict | None:
-    """The run.json of a training run folder ({"base", "dtype"}); None for any other folder."""
-    path = ckpt / RUN_INFO
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
-    if not (isinstance(info, dict) and isinstance(info.get("base"), str)
-            and info.get("dtype") in ("bfloat16", "float32")):
-        raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
-                              f"\"dtype\": \"bfloat16\" | \"float32\"}}")
-    if not Path(info["base"]).is_dir():
-        raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
-    return info
-
-
 def checkpoint_config(ckpt: Path) -> ModelConfig:
     """The config of a published or converted checkpoint folder, or of a training run's base, read
     without its weights."""
     from v4jax.checkpoint import converted_config
+    from v4jax.train import training_run
 
     run = training_run(ckpt)
     if run is not None:
@@ -233,30 +214,25 @@ def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, 
                quant_sim: bool = True):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
     under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`.
-    A training run folder gives its base with the run's latest step restored (in the run's dtype)."""
-    from v4jax import load_pretrained
+    A training run folder gives its base with the run's latest step restored (`v4jax.train.load_checkpoint`)."""
     from v4jax.sharding import use_rules
-    from v4jax.train import Checkpoints
+    from v4jax.train import load_checkpoint, training_run
 
     run = training_run(ckpt)
     if run is not None and dtype not in (None, run["dtype"]):
         raise UsageError(f"--ckpt {ckpt}: a training run in {run['dtype']}, not --dtype {dtype}")
-    base = Path(run["base"]) if run is not None else ckpt
-    model = load_pretrained(base, mesh=mesh, rules=rules, dtype=run["dtype"] if run else dtype, quant_sim=quant_sim,
-                            remat=remat)
-    on_mesh = use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
-    if run is not None:
-        with on_mesh:
-            Checkpoints(ckpt).restore(model, None)
-    return model, on_mesh
+    model = load_checkpoint(ckpt, mesh, rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
+    return model, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
 
 def export_source(src: Path):
     """(source, cfg) for `v4jax.checkpoint.export`: a converted folder as itself (cfg None); a
     training run as its model's flat weights and config, re-encoded to the published layout."""
+    from v4jax.checkpoint import weights
+    from v4jax.train import training_run
+
     if training_run(src) is None:
         return src, None
-    from v4jax.checkpoint import weights
 
     model, _ = load_model(src, None)
     return weights.to_flat(model), model.cfg

@@ -15,7 +15,8 @@ def add(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a checkpoint",
                        description="Every option not listed here is passed to `lm-eval run` (see lm-eval run "
                                    "--help), with --model v4jax and --model_args built from these.")
-    p.add_argument("--ckpt", required=True, type=existing_dir, help="published or converted checkpoint folder")
+    p.add_argument("--ckpt", required=True, type=existing_dir,
+                   help="published or converted checkpoint folder, or a `v4jax train` run folder (its latest step)")
     p.add_argument("--max-length", type=positive_int,
                    help="tokens a request may hold (default: the checkpoint's max_position_embeddings, as HFLM)")
     p.add_argument("--mesh", help='e.g. "data=8" (default: one device)')

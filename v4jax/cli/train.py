@@ -3,7 +3,9 @@
 The run folder OUT holds the Orbax steps (model, optimiser, and the data loader's position
 with each), `run.json` (the base checkpoint it started from), the base's config.json and
 tokenizer files (so `--ckpt OUT` works wherever a checkpoint folder is accepted), and
-`metrics.jsonl`, one JSON object per step. The data is read, checked and packed (at least
+`metrics.jsonl`, one JSON object per step (with `expert_load_max` / `expert_load_min`: per MoE
+layer, hash-routed ones included, then the MTP block, the busiest / idlest expert's load over
+the mean; `max_expert_load` the largest of the first). The data is read, checked and packed (at least
 one batch) before the model loads.
 """
 
@@ -17,9 +19,7 @@ import time
 from pathlib import Path
 
 from v4jax.cli.common import (
-    RUN_INFO,
     UsageError,
-    training_run,
     add_model_options,
     check_batch,
     checkpoint_config,
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.indexer_loss == "dense" and args.lora_rank is not None:
         raise UsageError("--indexer-loss dense trains the indexer alone: it does not combine with --lora-rank")
-    started = (args.out / RUN_INFO).is_file()
+    started = (args.out / train.RUN_INFO).is_file()
     if args.out.is_dir() and any(args.out.iterdir()) and not started:
         raise UsageError(f"--out {args.out}: not empty and holds no training checkpoints; refusing to write into it")
     if started:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
                                            bias_update_rate=args.bias_update_rate, grad_accum=args.grad_accum,
                                            wrt=wrt, indexer_loss=args.indexer_loss,
                                            indexer_weight=args.indexer_weight)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}  # floats, per-layer lists
                 seconds = time.perf_counter() - start
                 tokens_per_s = float((batch["segment_ids"] > 0).sum()) / seconds
                 record = {"step": step + 1, "loss": metrics["loss"], "nll": metrics["nll"],
@@ -164,7 +164,9 @@ def run(args: argparse.Namespace) -> None:
                           "lr": float(lr(step)), "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
                           "mfu": (flops_per_token * tokens_per_s / (args.peak_tflops * 1e12)
                                   if args.peak_tflops else None),
-                          "max_expert_load": metrics["max_expert_load"]}
+                          "max_expert_load": metrics["max_expert_load"],
+                          "expert_load_max": metrics["expert_load_max"],
+                          "expert_load_min": metrics["expert_load_min"]}
                 step += 1
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -177,6 +179,7 @@ def run(args: argparse.Namespace) -> None:
 def _start_run(out: Path, ckpt: Path, dtype: str) -> None:
     """What makes OUT a checkpoint folder too: its base and the base's config and tokenizer files."""
     from v4jax.checkpoint.reader import COMPANION_FILES
+    from v4jax.train import RUN_INFO
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json",) + COMPANION_FILES:
@@ -186,6 +189,8 @@ def _start_run(out: Path, ckpt: Path, dtype: str) -> None:
 
 
 def _check_same_base(out: Path, ckpt: Path) -> None:
+    from v4jax.train import training_run
+
     base = training_run(out)["base"]
     if base != str(ckpt):
         raise UsageError(f"--out {out}: a run from {base}, not from --ckpt {ckpt}")
