@@ -26,6 +26,7 @@ from v4jax.checkpoint.converter import orbax_context
 from v4jax.config import ModelConfig
 from v4jax.errors import CheckpointError
 from v4jax.indexer_loss import indexer_kl_loss
+from v4jax.lora import seed_dropout
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
@@ -122,7 +123,7 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.P
                           "indexer_weight"))
 def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_weight: float = 0.0,
                balance_weight: float = 0.0, bias_update_rate: float = 0.0, grad_accum: int = 1, wrt=nnx.Param,
-               indexer_loss: str = "off", indexer_weight: float = 0.0):
+               indexer_loss: str = "off", indexer_weight: float = 0.0, dropout_key=None):
     """One optimiser step over the variables `wrt` selects (as `make_optimizer` was given), then the
     router-bias update (bias_update_rate > 0); returns the step's metrics (before the update).
 
@@ -131,7 +132,8 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     NLL divided by the whole batch's target count: the step equals one over the whole batch
     (the balance loss is the mean of the micro-batches' means). indexer_loss / indexer_weight as
     `lm_loss`; for the dense warm-up pass `wrt=v4jax.indexer_loss.indexer_params` (here and to
-    `make_optimizer`), so that only the indexer trains.
+    `make_optimizer`), so that only the indexer trains. dropout_key: the step's PRNG key for LoRA
+    dropout (v4jax.lora.seed_dropout; folded with the micro-batch index); None: no dropout.
     """
     rows, t_len = input_ids.shape
     if rows % grad_accum:
@@ -144,8 +146,10 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     n_targets = (mask.sum(), mtp_mask.sum())
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
 
-    def loss_of(trainable, ids, lmask, seg):
+    def loss_of(trainable, ids, lmask, seg, index):
         m = nnx.merge(graphdef, trainable, rest)
+        if dropout_key is not None:
+            seed_dropout(m, jax.random.fold_in(dropout_key, index))
         return lm_loss(m, ids, lmask, mtp_weight, balance_weight, segment_ids=seg, n_targets=n_targets,
                        n_micro=grad_accum, indexer_loss=indexer_loss, indexer_weight=indexer_weight)
 
@@ -158,7 +162,7 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     def accumulate(total, xs):
         return jax.tree.map(jnp.add, total, one(xs)), None
 
-    xs = (micro(input_ids), micro(loss_mask), micro(segment_ids))
+    xs = (micro(input_ids), micro(loss_mask), micro(segment_ids), jnp.arange(grad_accum))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, jax.tree.map(lambda x: x[0], xs)))
     (grads, loss, metrics, counts), _ = jax.lax.scan(accumulate, zeros, xs)
     routing = {"layers": [[{"counts": c} for c in segment] for segment in counts["layers"]],

@@ -233,8 +233,9 @@ def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, 
                quant_sim: bool = True):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
     under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`.
-    A training run folder gives its base with the run's latest step restored (in the run's dtype)."""
-    from v4jax import load_pretrained
+    A training run folder gives its base with the run's latest step restored (in the run's dtype);
+    an adapter-only (LoRA) run's adapters are restored over the base, unmerged."""
+    from v4jax import load_pretrained, lora_export
     from v4jax.sharding import use_rules
     from v4jax.train import Checkpoints
 
@@ -247,7 +248,10 @@ def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, 
     on_mesh = use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
     if run is not None:
         with on_mesh:
-            Checkpoints(ckpt).restore(model, None)
+            if lora_export.read_run(ckpt) is not None:
+                lora_export.restore_adapters(model, ckpt, mesh, rules)
+            else:
+                Checkpoints(ckpt).restore(model, None)
     return model, on_mesh
 
 
@@ -257,6 +261,11 @@ def export_source(src: Path):
     if training_run(src) is None:
         return src, None
     from v4jax.checkpoint import weights
+    from v4jax.lora_export import read_run
+
+    if read_run(src) is not None:
+        raise UsageError(f"{src}: an adapter-only (LoRA) run; `v4jax merge --base BASE --adapter {src} OUT` "
+                         "folds it into its base, then export OUT")
 
     model, _ = load_model(src, None)
     return weights.to_flat(model), model.cfg
