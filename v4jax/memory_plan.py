@@ -319,13 +319,16 @@ def extrapolated_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int
                             ) -> tuple[Step, tuple[int, ...]]:
     """`compile_train_step` of the full depth from copies with at most `reps` and `reps` + 1 repetitions
     per segment: each byte count taken as affine in the scan iterations (each keeps one residual
-    stream for the backward pass, the same shape in every segment). Also the depths compiled."""
+    stream for the backward pass, the same shape in every segment). Where the copies' own layer
+    plans give both as many iterations (units cut differently), the layer count stands in for
+    them. Also the depths compiled."""
     lo, hi = reduced_depth(cfg, reps), reduced_depth(cfg, reps + 1)
     step_lo = compile_train_step(lo, mesh, tokens, rank)
-    if scan_steps(hi) == scan_steps(lo):  # no segment repeats more than `reps` times: lo is the model
+    if lo.num_hidden_layers == cfg.num_hidden_layers:  # no segment repeats more than `reps` times
         return step_lo, (lo.num_hidden_layers,)
     step_hi = compile_train_step(hi, mesh, tokens, rank)
-    f = (scan_steps(cfg) - scan_steps(lo)) / (scan_steps(hi) - scan_steps(lo))
+    size = scan_steps if scan_steps(hi) != scan_steps(lo) else (lambda c: c.num_hidden_layers)
+    f = (size(cfg) - size(lo)) / (size(hi) - size(lo))
     step = Step(*(round(a + (b - a) * f) for a, b in zip(dataclasses.astuple(step_lo), dataclasses.astuple(step_hi))))
     return step, (lo.num_hidden_layers, hi.num_hidden_layers)
 
