@@ -13,11 +13,11 @@ from flax import nnx
 from v4jax import lora, lora_export
 from v4jax import sharding as sh
 from v4jax.checkpoint import weights
-from v4jax.config import ModelConfig
+from v4jax.config import LayerKind, ModelConfig
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
 from v4jax.model import Transformer
-from v4jax.moe import ExpertWeights
+from v4jax.moe import MoE, ExpertWeights
 from v4jax import train
 from v4jax.train import lm_loss, make_optimizer, train_step
 
@@ -25,7 +25,7 @@ RAW = json.load(open("configs/tiny.json"))
 RAW.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)  # CSA + HCA, hash + bias
 CFG = ModelConfig.from_dict(RAW).replace(dtype="float32", quant_sim=False)
 QCFG = CFG.replace(quantized=True)  # FP8 codes + scales, FP4 experts
-LORA = lora.LoRAConfig(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + ("indexer.*",))
+LORA = lora.LoRAConfig(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + ("indexer.*", "gate"))
 IDS = np.asarray(jax.random.randint(jax.random.key(1), (2, 24), 0, CFG.vocab_size))
 
 
@@ -61,6 +61,7 @@ def test_fresh_adapters_leave_logits_bit_identical():
     names = lora.apply_lora(model, LORA, jax.random.key(0))
     assert any(n.endswith("attn.wo_a") for n in names) and any(n.endswith("experts.w2") for n in names)
     assert any(n.endswith("indexer.wq_b") for n in names) and not any("compressor" in n for n in names)
+    assert any(n.endswith("ffn.gate") for n in names)
     np.testing.assert_array_equal(np.asarray(jit_logits(model, IDS)), before)
 
 
@@ -80,6 +81,74 @@ def test_adapted_projections_match_numpy():
     a, b = np.asarray(experts.lora.a[...]), np.asarray(experts.lora.b[...])
     want = np_dequant_fp4(experts.weight[...], experts.scale[...]) + 0.5 * np.einsum("eor,eri->eoi", b, a)
     np.testing.assert_allclose(np.asarray(experts.operand()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_masks_each_scanned_layers_adapter_input_as_numpy_and_is_off_unseeded():
+    """A projection stacked over 3 layers, run under a scan as the model's segments are: with dropout p
+    each layer's adapter term is numpy's on its own masked input; p = 0, or no keys (evaluation), is
+    the plain adapter bit for bit."""
+    def stacked(dropout):
+        lin = nnx.vmap(lambda k: Linear(64, 32, CFG, nnx.Rngs(params=k), ("mlp", "embed"), fp8=False),
+                       in_axes=0, out_axes=0)(jax.random.split(jax.random.key(0), 3))
+        lin.lora = lora.adapter_for(lin, lora.LoRAConfig(4, 8.0, dropout=dropout), jnp.float32, jax.random.key(1))
+        lin.lora.b.set_value(jax.random.normal(jax.random.key(2), lin.lora.b.get_value().shape))
+        return lin
+
+    def scanned(lin):  # [layers, 5, 32]
+        graphdef, state = nnx.split(lin)
+        return np.asarray(jax.lax.scan(lambda c, s: (c, nnx.merge(graphdef, s)(x)), None, state)[1])
+
+    x = np.asarray(jax.random.normal(jax.random.key(5), (5, 64)))
+    plain = scanned(stacked(0.0))
+    lin = stacked(0.25)
+    np.testing.assert_array_equal(scanned(lin), plain)  # no keys: no dropout
+    zero = stacked(0.0)
+    lora.seed_dropout(zero, jax.random.key(7))
+    np.testing.assert_array_equal(scanned(zero), plain)
+    lora.seed_dropout(lin, jax.random.key(7))
+    got = scanned(lin)
+    keys = lin.lora.dropout_key.get_value()
+    w, a, b = (np.asarray(v.get_value()) for v in (lin.weight, lin.lora.a, lin.lora.b))
+    masks = [np.asarray(jax.random.bernoulli(keys[layer], 0.75, x.shape)) for layer in range(3)]
+    assert all((masks[i] != masks[j]).any() for i in range(3) for j in range(i))  # a mask per layer
+    for layer, mask in enumerate(masks):
+        dropped = np.where(mask, x / 0.75, 0.0)
+        want = x @ w[layer].T + 2.0 * (dropped @ a[layer].T) @ b[layer].T
+        np.testing.assert_allclose(got[layer], want, rtol=2e-5, atol=2e-5)
+    assert np.abs(got - plain).max() > 1e-2
+
+
+def test_gate_adapter_starts_as_a_no_op_and_its_gradient_matches_finite_differences():
+    """The router's [E, dim] weight adapted (folded): fresh, the MoE output is bit-identical; with B
+    non-zero, the adapters' gradient of a projection of the output along a random direction equals
+    the central difference of that projection (hash routing: the experts picked do not move)."""
+    moe = MoE(CFG, LayerKind(ratio=0, hash_routed=True), nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6, CFG.hidden_size))
+    ids = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
+    r = np.asarray(jax.random.normal(jax.random.key(3), (2, 6, CFG.hidden_size)))
+    run = nnx.jit(lambda m: m(x, ids))
+    before = np.asarray(run(moe))
+    assert [n for n, _ in lora.target_modules(moe, ("gate",))] == ["gate"]
+    moe.gate.lora = lora.adapter_for(moe.gate, lora.LoRAConfig(4, 8.0), jnp.float32, jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(run(moe)), before)
+    moe.gate.lora.b.set_value(0.3 * jax.random.normal(jax.random.key(5), moe.gate.lora.b.get_value().shape))
+    assert np.abs(np.asarray(run(moe)) - before).max() > 1e-3  # the adapted gate reweights the experts
+
+    def objective(a, b):
+        m = nnx.clone(moe)
+        m.gate.lora.a.set_value(a)
+        m.gate.lora.b.set_value(b)
+        return jnp.sum(m(x, ids) * r)
+
+    a, b = moe.gate.lora.a.get_value(), moe.gate.lora.b.get_value()
+    ga, gb = jax.jit(jax.grad(objective, argnums=(0, 1)))(a, b)
+    va, vb = (jax.random.normal(jax.random.key(6 + i), v.shape) for i, v in enumerate((a, b)))
+    eps = 1e-3
+    f = jax.jit(objective)
+    numeric = (float(f(a + eps * va, b + eps * vb)) - float(f(a - eps * va, b - eps * vb))) / (2 * eps)
+    analytic = float(np.sum(np.asarray(ga) * np.asarray(va)) + np.sum(np.asarray(gb) * np.asarray(vb)))
+    assert abs(analytic) > 1e-2
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4)
 
 
 def test_unknown_or_unhooked_targets_raise():
@@ -134,6 +203,32 @@ def test_adapter_grads_over_quantised_base_equal_dequantised_base_and_merge_matc
 
 
 @pytest.mark.slow
+def test_train_step_dropout_masks_follow_the_key_and_leave_the_model_without_dropout():
+    """Through the model's scanned layers: the same step key gives the same step bit for bit (a
+    resumed run redraws its masks from (seed, step)), another key another loss, no key the loss
+    without dropout; the model keeps no mask keys, so evaluation runs without dropout."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoRAConfig(4, 8.0, dropout=0.5), jax.random.key(0))
+    randomise_b(model)
+    ones = np.ones_like(IDS)
+
+    def step(key):
+        m = nnx.clone(model)
+        metrics = train_step(m, make_optimizer(m, wrt=nnx.LoRAParam), IDS, ones, wrt=nnx.LoRAParam, dropout_key=key)
+        return float(metrics["loss"]), m
+
+    loss, stepped = step(jax.random.key(1))
+    again, stepped_again = step(jax.random.key(1))
+    assert loss == again
+    for (_, a), (_, b) in zip(lora.adapted_modules(stepped), lora.adapted_modules(stepped_again)):
+        np.testing.assert_array_equal(a.lora.b.get_value(), b.lora.b.get_value())
+    assert not any(hasattr(m.lora, "dropout_key") for _, m in lora.adapted_modules(stepped))
+    plain = float(nnx.jit(lambda m: lm_loss(m, IDS, ones)[0])(model))
+    assert step(jax.random.key(2))[0] != loss and abs(loss - plain) > 1e-4
+    np.testing.assert_allclose(step(None)[0], plain, rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_adapter_step_on_8_devices_equals_one_device():
     """fsdp=2 x expert=4 (training rules): the adapters are sharded with their base dims and experts;
     the adapter gradients and the step's loss match one device. A dequantised base: the tiny
@@ -168,6 +263,8 @@ def test_adapter_step_on_8_devices_equals_one_device():
 
 @pytest.mark.slow
 def test_cli_lora_train_resumes_saves_only_adapters_and_merge_gives_adapted_logits(word_ckpt, tmp_path, capsys):
+    """Train with dropout and a gate adapter, resume, then use the run: eval scores it as the adapted
+    model (no dropout), generate runs on it, merge folds it in, export refuses it unmerged."""
     from v4jax import cli, load_pretrained
 
     data = tmp_path / "docs.jsonl"
@@ -176,7 +273,8 @@ def test_cli_lora_train_resumes_saves_only_adapters_and_merge_gives_adapted_logi
     run = tmp_path / "run"
     common = ["train", "--ckpt", str(word_ckpt), "--data", str(data), "--out", str(run), "--seq-len", "16",
               "--batch", "4", "--lr", "1e-2", "--save-every", "2", "--dtype", "float32", "--no-quant-sim",
-              "--lora-rank", "4", "--lora-alpha", "8"]
+              "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1",
+              "--lora-targets", ",".join(lora.DEFAULT_TARGETS + ("gate",))]
     def steps():
         return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -186,7 +284,7 @@ def test_cli_lora_train_resumes_saves_only_adapters_and_merge_gives_adapted_logi
     assert steps() == [1, 2, 3]
     model = load_pretrained(word_ckpt, dtype="float32", quant_sim=False)
     full = 3 * 4 * sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))  # f32 params + 2 moments
-    lora.apply_lora(model, lora.LoRAConfig(4, 8.0), jax.random.key(0))
+    lora.apply_lora(model, lora.LoRAConfig(4, 8.0, lora.DEFAULT_TARGETS + ("gate",), 0.1), jax.random.key(0))
     adapters = 3 * 4 * sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     saved = sum(f.stat().st_size for f in (run / "3").rglob("*") if f.is_file())
     assert adapters < saved < adapters + 2**18 < full / 4, (adapters, saved, full)  # adapters and moments only
@@ -194,6 +292,25 @@ def test_cli_lora_train_resumes_saves_only_adapters_and_merge_gives_adapted_logi
     train.Checkpoints(run, wrt=nnx.LoRAParam).restore(model, make_optimizer(model, wrt=nnx.LoRAParam))
     ids = np.asarray(jax.random.randint(jax.random.key(4), (2, 20), 0, 512))
     adapted = np.asarray(jit_logits(model, ids))
+    assert np.abs(model.layers[0][0].ffn.gate.lora.b.get_value()).max() > 0  # the gate adapter trained
+
+    # The run itself is a checkpoint folder: eval scores the base + adapters (no dropout) ...
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"ids": ids[0].tolist()}) + "\n")
+    cli.main(["eval", "--ckpt", str(run), "--data", str(tmp_path / "ids.jsonl"), "--out", str(tmp_path / "res.jsonl"),
+              "--no-quant-sim"])
+    logp = jax.nn.log_softmax(adapted[0, :-1].astype(np.float64), axis=-1)
+    want = float(np.sum(np.take_along_axis(np.asarray(logp), ids[0, 1:, None], -1)))
+    got = json.loads((tmp_path / "res.jsonl").read_text().splitlines()[0])["loglikelihood"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # ... generate decodes it greedily ...
+    capsys.readouterr()
+    cli.main(["generate", "--ckpt", str(run), "--ids", ",".join(map(str, ids[0])), "--max-new-tokens", "1",
+              "--temperature", "0", "--json", "--no-quant-sim"])
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["tokens"] == [int(np.argmax(adapted[0, -1]))]
+    # ... and export wants it merged first.
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(run), str(tmp_path / "unmerged")])
+    assert "v4jax merge --base" in capsys.readouterr().err
 
     cli.main(["merge", "--base", str(word_ckpt), "--adapter", str(run), str(tmp_path / "merged")])
     printed = capsys.readouterr().out

@@ -1,5 +1,7 @@
 """The memory plan: exact bytes at rest, compiled temporaries, mesh choice, the command line."""
 
+import json
+
 import jax
 import pytest
 from flax import nnx
@@ -81,3 +83,20 @@ def test_plan_command_lora_rows_compile_the_adapter_step(capsys):
     (p,) = args.run(args)
     assert p.step.temporaries > 0 and p.peak == p.params + p.adapters + p.step.temporaries
     assert f"| tiny | quantized | 4 | 256 | 8 | {p.mesh} |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lora_step_bytes_extrapolated_from_two_reduced_depths_match_the_full_depth():
+    """Eight window layers, seven in one scanned segment: the training step's temporaries grow with
+    the scan iterations (one residual stream kept per iteration); extrapolated from 1 and 2
+    repetitions per segment they are the full depth's, which one reduced-depth copy underestimates."""
+    raw = json.load(open("configs/tiny.json"))
+    raw.update(num_hidden_layers=8, compress_ratios=[0] * 9, num_hash_layers=1)
+    cfg = ModelConfig.from_dict(raw).replace(quantized=True)
+    mesh = sh.make_mesh("", devices=jax.devices()[:1])
+    step, depths = plan.extrapolated_train_step(cfg, mesh, 1024, 4)
+    assert depths == (2, 3) and plan.scan_steps(cfg) == 8
+    full = plan.compile_train_step(cfg, mesh, 1024, 4)
+    one = plan.compile_train_step(plan.reduced_depth(cfg, 1), mesh, 1024, 4)
+    assert full.temporaries > one.temporaries
+    assert abs(step.temporaries - full.temporaries) < 0.05 * full.temporaries, (step, full, one)

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("model on a mesh", {"v4jax.placement", "v4jax.memory_plan"}),
     ("checkpoints and loading", {"v4jax.checkpoint"}),
     ("runtime", {"v4jax.lora_export", "v4jax.tokens", "v4jax.sampling", "v4jax.speculative", "v4jax.generate", "v4jax.optim",
-                 "v4jax.train", "v4jax.evaluate", "v4jax.data", "v4jax.harness"}),
+                 "v4jax.train", "v4jax.evaluate", "v4jax.data", "v4jax.runs", "v4jax.harness"}),
     ("public API", {"v4jax"}),  # the package's __init__: re-exports from the layers below
     ("command line", {"v4jax.cli"}),
 ]

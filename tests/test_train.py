@@ -22,6 +22,7 @@ from v4jax.checkpoint import weights
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig
+from v4jax.runs import load_checkpoint
 
 
 @pytest.mark.slow
@@ -263,7 +264,6 @@ def test_export_of_a_run_folder_is_its_latest_step_with_the_base_tokenizer_files
 
 
 @pytest.mark.slow  # lm-eval and datasets import, a task's scoring compiles: ~60 s of CPU
-@pytest.mark.xfail(strict=True, reason="needs v4jax/harness.py to load through v4jax.train.load_checkpoint")
 def test_lm_eval_scores_a_run_folder_with_its_latest_step(trained_run, tmp_path):
     pytest.importorskip("lm_eval")
     from test_harness import CONTEXTS, CONTINUATIONS, ids, write_tasks
@@ -282,7 +282,7 @@ def test_lm_eval_scores_a_run_folder_with_its_latest_step(trained_run, tmp_path)
     for c, k in zip(CONTEXTS, CONTINUATIONS):
         seq = [*ids(c), *ids(k)][-17:]
         pairs.append((seq[:len(seq) - len(ids(k))], ids(k)))
-    trained = train.load_checkpoint(run, quant_sim=False)
+    trained = load_checkpoint(run, quant_sim=False)
     np.testing.assert_allclose(got, [s.loglikelihood for s in evaluate.loglikelihood(trained, pairs)], rtol=1e-5)
 
 

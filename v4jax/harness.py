@@ -28,9 +28,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from v4jax import data, evaluate
-from v4jax.checkpoint.loading import load_pretrained
 from v4jax.errors import ConfigError
 from v4jax.generate import Generator, Request, StopStrings, stop_tokens_of
+from v4jax.runs import load_checkpoint
 from v4jax.sampling import Sampling
 from v4jax.sharding import make_mesh, use_rules
 
@@ -51,7 +51,7 @@ class V4jaxLM(LM):
                  token_budget: int = evaluate.TOKEN_BUDGET, **_unused):  # lm-eval also passes device etc.
         super().__init__()
         self.mesh = make_mesh(mesh) if mesh else None
-        self.model = load_pretrained(ckpt, mesh=self.mesh, dtype=dtype, quant_sim=quant_sim)
+        self.model = load_checkpoint(ckpt, mesh=self.mesh, dtype=dtype, quant_sim=quant_sim)
         self.tokenizer = data.load_tokenizer(ckpt)
         if self.tokenizer is None:
             raise ConfigError(f"{ckpt}: lm-eval needs the checkpoint's tokenizer.json")

@@ -8,19 +8,28 @@ keeps its `nnx.Param` / `Quantized` variables untouched. Each adapted module get
 - dense projections (`Linear`, attention / shared expert / indexer): the low-rank term is
   added to the output, on the same (activation-quantised) input the base sees;
 - the routed experts (`ExpertWeights`, one pair per expert, stacked [E, ...] and sharded
-  with the experts) and the grouped `wo_a` (one pair per group): B A is added to the
-  decoded weight before the expert / group matmuls, so every expert-matmul backend and
-  expert dispatch runs unchanged (PEFT's `target_parameters` adapts fused expert weights
-  the same way).
+  with the experts), the grouped `wo_a` (one pair per group) and the router's `gate`
+  [E, dim]: B A is added to the decoded weight before the expert / group / gate matmuls, so
+  every expert-matmul backend and expert dispatch runs unchanged (PEFT's `target_parameters`
+  adapts fused expert weights the same way).
 
 A is drawn as PEFT draws it (uniform in ±in^-1/2) and B is zero, so a fresh adapter leaves
 the model's output exactly unchanged.
+
+Dropout (training only) is PEFT's: the adapter's input is dropped, x -> dropout(x) -> A -> B,
+the base sees x. It can only act where the term is factored (the dense projections); a term
+folded into a weight has no input of its own to drop (PEFT's `target_parameters` refuses
+dropout for that reason), so the experts', `wo_a`'s and the gate's adapters train without it.
+Masks come from keys that `seed_dropout` puts on a traced copy of the model, one per adapter and
+per layer (the scanned layers slice them like every stacked variable); the model itself never
+holds them, so evaluation and generation run without dropout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +39,11 @@ from v4jax import quant
 from v4jax.attention import GroupedWeight
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
-from v4jax.moe import ExpertWeights
+from v4jax.moe import ExpertWeights, Gate
 
 # Module paths (dotted, from the model root) ending in one of these are adapted by default:
-# the attention projections, the shared expert and the routed experts.
+# the attention projections, the shared expert and the routed experts (opt-in: "indexer.*",
+# "gate").
 DEFAULT_TARGETS = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b",
                    "shared_experts.w1", "shared_experts.w2", "shared_experts.w3",
                    "experts.w1", "experts.w2", "experts.w3")
@@ -45,6 +55,7 @@ class LoRAConfig:
     rank: int
     alpha: float | None = None  # None: alpha = rank (scale 1)
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0  # on the input of the factored adapters, in training (see the module doc)
 
     @property
     def scale(self) -> float:
@@ -55,11 +66,24 @@ class LoRAConfig:
             raise ConfigError(f"lora rank = {self.rank}: must be >= 1")
         if not self.targets:
             raise ConfigError("lora targets: empty; name at least one module pattern")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout = {self.dropout}: must be in [0, 1)")
 
 
 def low_rank(a, b, scale: float, dtype):
     """a: [..., r, in], b: [..., out, r] -> scale * b @ a: [..., out, in] in dtype (float32 accumulation)."""
     return (scale * jnp.einsum("...or,...ri->...oi", b, a, preferred_element_type=jnp.float32)).astype(dtype)
+
+
+def dropout(x, rate: float, key):
+    """x with each element zeroed with probability `rate` and the rest scaled by 1 / (1 - rate), as
+    torch's nn.Dropout (PEFT's lora_dropout)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class DropoutKey(nnx.Variable):
+    """The PRNG keys of an adapter's dropout masks [*layers]: set on a traced copy (`seed_dropout`)."""
 
 
 def low_rank_apply(x, a, b, scale: float):
@@ -84,6 +108,7 @@ class Adapter(nnx.Module):
         self.b = nnx.LoRAParam(jnp.zeros((*lead, *stack, out_dim, lora.rank), dtype),
                                logical_axes=(*stack_axes, out_axis, RANK_AXIS))
         self.scale = lora.scale
+        self.dropout = lora.dropout
 
     def delta(self, dtype):
         """scale * B A: [..., out, in]."""
@@ -94,6 +119,8 @@ class Adapter(nnx.Module):
         return w + self.delta(w.dtype)
 
     def __call__(self, x):
+        if hasattr(self, "dropout_key"):
+            x = dropout(x, self.dropout, self.dropout_key[...])
         return low_rank_apply(x, self.a[...], self.b[...], self.scale)
 
 
@@ -121,8 +148,8 @@ def _ends_with(path, pattern: str) -> bool:
 
 def target_modules(model, patterns) -> list[tuple[str, nnx.Module]]:
     """(dotted path, module) of every adaptable module whose path ends in one of `patterns`
-    (dotted, each component an fnmatch pattern: "attn.wq_b", "experts.*", "indexer.*"). A pattern that
-    selects nothing, or a module without an adapter hook (compressor projections, the gate), is a
+    (dotted, each component an fnmatch pattern: "attn.wq_b", "experts.*", "indexer.*", "gate"). A pattern
+    that selects nothing, or a module without an adapter hook (the compressors' projections), is a
     ConfigError."""
     chosen, used = [], set()
     for path, module in nnx.iter_modules(model):
@@ -131,9 +158,9 @@ def target_modules(model, patterns) -> list[tuple[str, nnx.Module]]:
         if not hits or not hasattr(module, "weight"):
             continue
         used.update(hits)
-        if not isinstance(module, (Linear, ExpertWeights, GroupedWeight)) or ".compressor." in f".{name}.":
+        if not isinstance(module, (Linear, ExpertWeights, GroupedWeight, Gate)) or ".compressor." in f".{name}.":
             raise ConfigError(f"lora target {hits[0]!r}: module {name} has no adapter hook "
-                              f"(adaptable: attention, indexer and expert projections)")
+                              f"(adaptable: attention, indexer and expert projections, the gate)")
         chosen.append((name, module))
     missing = [p for p in patterns if p not in used]
     if missing:
@@ -150,7 +177,10 @@ def apply_lora(model, lora: LoRAConfig, key) -> list[str]:
 
 
 def adapter_for(module, lora: LoRAConfig, dtype, key) -> Adapter:
-    """A fresh Adapter shaped for `module`'s weight (its scanned-layer dims, experts or groups)."""
+    """A fresh Adapter shaped for `module`'s weight (its scanned-layer dims, experts or groups); only a
+    dense projection's (factored) adapter keeps `lora.dropout`."""
+    if not isinstance(module, Linear):
+        lora = dataclasses.replace(lora, dropout=0.0)
     dims, out_dim, in_dim = _dims(module)
     axes = module.weight.logical_axes
     n_lead = len(dims) - (len(axes) - 2)  # the dims before the named experts / groups
@@ -160,3 +190,14 @@ def adapter_for(module, lora: LoRAConfig, dtype, key) -> Adapter:
 def adapted_modules(model) -> list[tuple[str, nnx.Module]]:
     return [(".".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if hasattr(m, "lora")]
 
+
+def seed_dropout(model, key) -> None:
+    """Give every adapter with dropout its mask keys [*layers] (in place), drawn from `key`: distinct
+    per adapter and per scanned layer. For a traced copy of the model inside a training step (see
+    the module doc); a fresh key per step and micro-batch gives fresh masks."""
+    for i, (_, module) in enumerate(adapted_modules(model)):
+        adapter = module.lora
+        if adapter.dropout:
+            lead = adapter.a.get_value().shape[:-2]  # a dense projection's adapter: [*layers, r, in]
+            keys = jax.random.split(jax.random.fold_in(key, i), math.prod(lead)).reshape(lead)
+            adapter.dropout_key = DropoutKey(keys)

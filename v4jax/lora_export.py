@@ -1,5 +1,5 @@
 """LoRA adapters out of the model: folded into the base (`v4jax merge`) and in the PEFT layout for
-HF transformers' DeepSeek-V4 port.
+HF transformers' DeepSeek-V4 port; and back into a model from an adapter-only training run.
 
 Both work on the model-layout dict (v4jax.checkpoint.weights: published names, [out, in],
 experts stacked per projection), where an adapter is the pair of leaves `X.lora.a`
@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp
 from safetensors.numpy import save_file
 
@@ -28,7 +29,45 @@ from v4jax.checkpoint.reader import COMPANION_FILES
 from v4jax.checkpoint.staging import staging
 from v4jax.config import ModelConfig
 from v4jax.errors import CheckpointError
-from v4jax.lora import adapted_modules, low_rank
+from v4jax.lora import LoRAConfig, adapted_modules, apply_lora, low_rank
+from v4jax.sharding import shard_model
+from v4jax.train import Checkpoints
+
+LORA_JSON = "lora.json"  # in an adapter-only training run's folder: what rebuilds its adapters
+RUN_KEYS = ("rank", "alpha", "targets", "dropout", "optimizer", "dtype")
+
+
+def run_record(lora: LoRAConfig, optimizer: str, dtype: str) -> dict:
+    """What an adapter-only run's lora.json holds: its LoRAConfig, optimiser and compute dtype."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "dropout": lora.dropout,
+            "optimizer": optimizer, "dtype": dtype}
+
+
+def read_run(run: Path) -> dict | None:
+    """The lora.json of an adapter-only training run folder; None for any other folder."""
+    path = Path(run) / LORA_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    if not isinstance(record, dict) or set(record) != set(RUN_KEYS):
+        raise CheckpointError(f"{path}: expected the keys {', '.join(RUN_KEYS)}")
+    return record
+
+
+def run_lora_config(record: dict) -> LoRAConfig:
+    return LoRAConfig(record["rank"], record["alpha"], tuple(record["targets"]), record["dropout"])
+
+
+def restore_adapters(model, run: Path, mesh=None, rules="training") -> int:
+    """Give `model` (the run's base, loaded as the run loaded it) the adapters of the adapter-only run
+    folder `run`, placed by `rules` on `mesh`, their latest step restored; returns that step."""
+    apply_lora(model, run_lora_config(read_run(run)), jax.random.key(0))
+    if mesh is not None:
+        shard_model(model, mesh, rules)
+    return Checkpoints(run, wrt=nnx.LoRAParam).restore(model, None)
 
 
 
@@ -137,9 +176,10 @@ HF_LINEARS = {
     "attn.indexer.weights_proj": "self_attn.compressor.indexer.scorer.weights_proj",
 }
 # The port holds these as parameters (PEFT `target_parameters`, which adapts the weight itself:
-# W + scale * B A, as v4jax does): the grouped o_a_proj [G * r_o, H*d/G] and the fused experts
-# gate_up_proj [E, 2F, dim] (w1 then w3) and down_proj [E, dim, F]. Listed in PEFT's nesting order.
-HF_PARAMETERS = ("self_attn.o_a_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# W + scale * B A, as v4jax does): the grouped o_a_proj [G * r_o, H*d/G], the router's weight
+# [E, dim] and the fused experts gate_up_proj [E, 2F, dim] (w1 then w3) and down_proj [E, dim, F].
+# Listed in PEFT's nesting order.
+HF_PARAMETERS = ("self_attn.o_a_proj.weight", "mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 PEFT_PREFIX = "base_model.model.model."
 
 
@@ -183,15 +223,17 @@ def peft_adapter(flat: dict[str, np.ndarray], n_layers: int):
         if (ab := pair(p + "attn.wo_a")) is not None:  # a [G, r, in_g], b [G, r_o, r]: one block per group
             a = ab[0].reshape(-1, ab[0].shape[-1])
             fused[HF_PARAMETERS[0]] = a, _block_diagonal(list(ab[1])), a.shape[0]
+        if (ab := pair(p + "ffn.gate")) is not None:  # a [r, dim], b [E, r]
+            fused[HF_PARAMETERS[1]] = *ab, ab[0].shape[0]
         w1, w3, w2 = (pair(p + f"ffn.experts.{w}") for w in ("w1", "w3", "w2"))
         if w1 is not None or w3 is not None:
             like = w1 if w1 is not None else w3
             zero = like[0][:, :0], np.zeros_like(like[1][:, :, :0])  # an unadapted half: rank 0
             (a1, b1), (a3, b3) = (w if w is not None else zero for w in (w1, w3))
             b = np.stack([_block_diagonal([x, y]) for x, y in zip(b1, b3)])
-            fused[HF_PARAMETERS[1]] = _expert_pair(np.concatenate([a1, a3], axis=1), b)
+            fused[HF_PARAMETERS[2]] = _expert_pair(np.concatenate([a1, a3], axis=1), b)
         if w2 is not None:
-            fused[HF_PARAMETERS[2]] = _expert_pair(*w2)
+            fused[HF_PARAMETERS[3]] = _expert_pair(*w2)
         by_module: dict[str, list[str]] = {}
         for target in (t for t in HF_PARAMETERS if t in fused):
             by_module.setdefault(target.rsplit(".", 1)[0], []).append(target)

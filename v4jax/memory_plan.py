@@ -10,7 +10,9 @@ those of the full depth when compiling the full model is too slow.
 
 LoRA fine-tuning plans (`plan_lora`) do the same for a training step over adapters on a
 frozen base: base and adapter (+ moment) bytes at rest, and the compiled step's temporaries
-with every block rematerialised.
+with every block rematerialised. A training step's temporaries do grow with depth (the backward
+pass keeps every scan iteration's residual stream), so those of the full depth are
+extrapolated from two reduced-depth copies, one more repetition per segment in the second.
 """
 
 from __future__ import annotations
@@ -196,30 +198,35 @@ def smallest_fit(cfg: ModelConfig, capacities: Sequence[float], sizes: Sequence[
     return found
 
 
+def table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table: the header, then one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])
+
+
+def _gb(n_bytes: float | None) -> str:
+    """GB (1e9 bytes) to one decimal; "-" for what was not measured."""
+    return "-" if n_bytes is None else f"{n_bytes / 1e9:.1f}"
+
+
 def format_plans(plans: Sequence[MemoryPlan]) -> str:
     """A markdown table of plans (GB = 1e9 bytes)."""
-    gb = lambda b: f"{b / 1e9:.1f}"
-    rows = ["| model | weights | context | devices | mesh | params GB | cache GB | prefill temp GB | "
-            "decode temp GB | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in plans:
-        temp = lambda s: gb(s.temporaries) if s else "-"
-        rows.append(f"| {p.model} | {p.weights} | {_tokens(p.context)} | {p.devices} | {p.mesh} | {gb(p.params)} | "
-                    f"{gb(p.cache)} | {temp(p.prefill)} | {temp(p.decode)} | {gb(p.peak)} |")
-    return "\n".join(rows)
+    temp = lambda s: _gb(s.temporaries if s else None)
+    return table(("model", "weights", "context", "devices", "mesh", "params GB", "cache GB", "prefill temp GB",
+                  "decode temp GB", "peak GB"),
+                 [(p.model, p.weights, _tokens(p.context), p.devices, p.mesh, _gb(p.params), _gb(p.cache),
+                   temp(p.prefill), temp(p.decode), _gb(p.peak)) for p in plans])
 
 
 def format_fits(fits, capacities_gb: Sequence[float]) -> str:
     """fits: (model, weights, context label, {capacity bytes: plan or None}) -> a markdown table of the
     smallest fitting device count (and its mesh, peak GB) per device size."""
-    head = "| model | weights | context | " + " | ".join(f"{gb:g} GB devices" for gb in capacities_gb) + " |"
-    rows = [head, "|---|---|---|" + "---|" * len(capacities_gb)]
-    for model, weights, context, found in fits:
-        cells = []
-        for gb in capacities_gb:
-            p = found.get(gb * 1e9)
-            cells.append("none of the sizes tried" if p is None else f"{p.devices} ({p.mesh}; peak {p.peak / 1e9:.0f})")
-        rows.append(f"| {model} | {weights} | {context} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    def cell(p) -> str:
+        return "none of the sizes tried" if p is None else f"{p.devices} ({p.mesh}; peak {p.peak / 1e9:.0f})"
+
+    return table(("model", "weights", "context", *(f"{gb:g} GB devices" for gb in capacities_gb)),
+                 [(model, weights, context, *(cell(found.get(gb * 1e9)) for gb in capacities_gb))
+                  for model, weights, context, found in fits])
 
 
 def _tokens(n: int) -> str:
@@ -244,7 +251,7 @@ class LoRAPlan:
     params: int  # the frozen base, bytes per device
     adapters: int  # adapters + AdamW's two moments (same dtype and sharding), bytes per device
     step: Step | None  # the compiled step (rematerialised blocks): temporaries = activations, gradients
-    temp_depth: int
+    temp_depths: tuple[int, ...]  # main layers of the copies compiled (two: extrapolated to the full depth)
 
     @property
     def peak(self) -> int:
@@ -303,6 +310,29 @@ def compile_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int | No
                 mem.temp_size_in_bytes)
 
 
+def scan_steps(cfg: ModelConfig) -> int:
+    """Scan iterations over the main layers: one per repetition of each segment's unit."""
+    return sum(seg.reps for seg in cfg.layer_plan)
+
+
+def extrapolated_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int | None, reps: int = 1,
+                            ) -> tuple[Step, tuple[int, ...]]:
+    """`compile_train_step` of the full depth from copies with at most `reps` and `reps` + 1 repetitions
+    per segment: each byte count taken as affine in the scan iterations (each keeps one residual
+    stream for the backward pass, the same shape in every segment). Where the copies' own layer
+    plans give both as many iterations (units cut differently), the layer count stands in for
+    them. Also the depths compiled."""
+    lo, hi = reduced_depth(cfg, reps), reduced_depth(cfg, reps + 1)
+    step_lo = compile_train_step(lo, mesh, tokens, rank)
+    if lo.num_hidden_layers == cfg.num_hidden_layers:  # no segment repeats more than `reps` times
+        return step_lo, (lo.num_hidden_layers,)
+    step_hi = compile_train_step(hi, mesh, tokens, rank)
+    size = scan_steps if scan_steps(hi) != scan_steps(lo) else (lambda c: c.num_hidden_layers)
+    f = (size(cfg) - size(lo)) / (size(hi) - size(lo))
+    step = Step(*(round(a + (b - a) * f) for a, b in zip(dataclasses.astuple(step_lo), dataclasses.astuple(step_hi))))
+    return step, (lo.num_hidden_layers, hi.num_hidden_layers)
+
+
 def training_meshes(cfg: ModelConfig, n_devices: int, devices: Sequence | None = None) -> list[Mesh]:
     """fsdp x expert = n (expert dividing the routed-expert count): the LoRA step's candidates."""
     devices = list(jax.devices()[:n_devices] if devices is None else devices)
@@ -313,7 +343,9 @@ def training_meshes(cfg: ModelConfig, n_devices: int, devices: Sequence | None =
 def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model: str = "",
               temp_reps: int | None = None, compile_steps: bool = True) -> LoRAPlan | None:
     """The LoRA plan on the `n_devices` training mesh with the fewest base + adapter bytes per device
-    (ties: more expert parallelism); None if the training rules place the model on none."""
+    (ties: more expert parallelism); None if the training rules place the model on none. temp_reps:
+    the step's bytes extrapolated from copies of at most that many and one more repetitions per
+    segment (`extrapolated_train_step`); None: the full model compiled."""
     abstract = lora_abstract(cfg, rank)
     best = None
     for mesh in training_meshes(cfg, n_devices):
@@ -329,11 +361,14 @@ def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model
     if best is None:
         return None
     _, mesh, params, adapters = best
-    small = cfg if temp_reps is None else reduced_depth(cfg, temp_reps)
-    step = compile_train_step(small, mesh, tokens, rank) if compile_steps else None
+    step, depths = None, ()
+    if compile_steps and temp_reps is None:
+        step, depths = compile_train_step(cfg, mesh, tokens, rank), (cfg.num_hidden_layers,)
+    elif compile_steps:
+        step, depths = extrapolated_train_step(cfg, mesh, tokens, rank, temp_reps)
     weights = "quantized" if cfg.quantized else cfg.dtype
     return LoRAPlan(model or "model", weights, describe(mesh), mesh.size, rank, tokens, params, adapters, step,
-                    small.num_hidden_layers)
+                    depths)
 
 
 def smallest_lora_fit(cfg: ModelConfig, capacity: float, sizes: Sequence[int], rank: int, tokens: int, *,
@@ -352,11 +387,7 @@ def smallest_lora_fit(cfg: ModelConfig, capacity: float, sizes: Sequence[int], r
 
 def format_lora_plans(plans: Sequence[LoRAPlan]) -> str:
     """A markdown table of LoRA plans (GB = 1e9 bytes)."""
-    gb = lambda b: f"{b / 1e9:.1f}"
-    rows = ["| model | base | rank | tokens/seq | devices | mesh | base GB | adapters+AdamW GB | step temp GB | "
-            "peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in plans:
-        rows.append(f"| {p.model} | {p.weights} | {p.rank} | {_tokens(p.tokens)} | {p.devices} | {p.mesh} | "
-                    f"{gb(p.params)} | {gb(p.adapters)} | {gb(p.step.temporaries) if p.step else '-'} | "
-                    f"{gb(p.peak)} |")
-    return "\n".join(rows)
+    return table(("model", "base", "rank", "tokens/seq", "devices", "mesh", "base GB", "adapters+AdamW GB",
+                  "step temp GB", "peak GB"),
+                 [(p.model, p.weights, p.rank, _tokens(p.tokens), p.devices, p.mesh, _gb(p.params), _gb(p.adapters),
+                   _gb(p.step.temporaries if p.step else None), _gb(p.peak)) for p in plans])

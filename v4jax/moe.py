@@ -337,7 +337,10 @@ class MoE(nnx.Module):
         the sequence-wise balance loss over those sequences, 0 for hash-routed layers}.
         """
         cfg = self.cfg
-        scores = gate_scores(x, self.gate.weight[...])
+        w_gate = self.gate.weight[...]
+        if hasattr(self.gate, "lora"):  # a LoRA adapter (v4jax.lora), folded into the [E, dim] weight
+            w_gate = self.gate.lora.adapt(w_gate)
+        scores = gate_scores(x, w_gate)
         ids, weights = self.route(scores, token_ids)
         flat_x = x.reshape(-1, x.shape[-1])
         w1, w2, w3 = (p.operand() for p in (self.experts.w1, self.experts.w2, self.experts.w3))

@@ -6,12 +6,11 @@ adapters for LoRA). Quantised codes, the hash table and the routing bias are not
 aux-loss-free rule. Rematerialisation is `cfg.remat` (each scanned block is recomputed
 in the backward pass). Optimiser state is created from the parameters, so it inherits
 their sharding: shard the model (v4jax.sharding) and the moments are sharded the same way.
-A training run folder (`v4jax train --out`) loads wherever a checkpoint does (`load_checkpoint`).
+A training run folder (`v4jax train --out`) loads wherever a checkpoint does (`v4jax.runs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -26,13 +25,12 @@ from orbax.checkpoint.experimental import v1 as ocp
 from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context
-from v4jax.checkpoint.loading import load_pretrained
 from v4jax.config import ModelConfig
-from v4jax.errors import CheckpointError, ConfigError
+from v4jax.errors import CheckpointError
 from v4jax.indexer_loss import indexer_kl_loss
+from v4jax.lora import seed_dropout
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig, make_transform
-from v4jax.sharding import use_rules
 from v4jax.tokens import token_logprobs
 
 RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
@@ -149,7 +147,7 @@ def make_optimizer(model, config: OptimizerConfig = OptimizerConfig(), wrt=nnx.P
                           "indexer_weight"))
 def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_weight: float = 0.0,
                balance_weight: float = 0.0, bias_update_rate: float = 0.0, grad_accum: int = 1, wrt=nnx.Param,
-               indexer_loss: str = "off", indexer_weight: float = 0.0):
+               indexer_loss: str = "off", indexer_weight: float = 0.0, dropout_key=None):
     """One optimiser step over the variables `wrt` selects (as `make_optimizer` was given), then the
     router-bias update (bias_update_rate > 0); returns the step's metrics (before the update), the
     per-layer expert loads (`expert_loads`) among them.
@@ -159,7 +157,8 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     NLL divided by the whole batch's target count: the step equals one over the whole batch
     (the balance loss is the mean of the micro-batches' means). indexer_loss / indexer_weight as
     `lm_loss`; for the dense warm-up pass `wrt=v4jax.indexer_loss.indexer_params` (here and to
-    `make_optimizer`), so that only the indexer trains.
+    `make_optimizer`), so that only the indexer trains. dropout_key: the step's PRNG key for LoRA
+    dropout (v4jax.lora.seed_dropout; folded with the micro-batch index); None: no dropout.
     """
     rows, t_len = input_ids.shape
     if rows % grad_accum:
@@ -172,8 +171,10 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     n_targets = (mask.sum(), mtp_mask.sum())
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
 
-    def loss_of(trainable, ids, lmask, seg):
+    def loss_of(trainable, ids, lmask, seg, index):
         m = nnx.merge(graphdef, trainable, rest)
+        if dropout_key is not None:
+            seed_dropout(m, jax.random.fold_in(dropout_key, index))
         return lm_loss(m, ids, lmask, mtp_weight, balance_weight, segment_ids=seg, n_targets=n_targets,
                        n_micro=grad_accum, indexer_loss=indexer_loss, indexer_weight=indexer_weight)
 
@@ -186,7 +187,7 @@ def train_step(model, optimizer, input_ids, loss_mask, segment_ids=None, *, mtp_
     def accumulate(total, xs):
         return jax.tree.map(jnp.add, total, one(xs)), None
 
-    xs = (micro(input_ids), micro(loss_mask), micro(segment_ids))
+    xs = (micro(input_ids), micro(loss_mask), micro(segment_ids), jnp.arange(grad_accum))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, jax.tree.map(lambda x: x[0], xs)))
     (grads, loss, metrics, counts), _ = jax.lax.scan(accumulate, zeros, xs)
     routing = {"layers": [[{"counts": c} for c in segment] for segment in counts["layers"]],
@@ -314,19 +315,3 @@ def training_run(folder: str | Path) -> dict | None:
     if not Path(info["base"]).is_dir():
         raise CheckpointError(f"{path}: its base checkpoint {info['base']} is not there")
     return info
-
-
-def load_checkpoint(ckpt: str | Path, mesh=None, rules: str = "inference", *, dtype: str | None = None,
-                    quant_sim: bool = True, remat: bool = False) -> Transformer:
-    """`load_pretrained`, for a training run folder too: its base with the run's latest step restored
-    over it (every variable the run saved), in the run's dtype. Wherever a checkpoint folder is
-    accepted (the command line, the lm-eval model), this is how it loads."""
-    run = training_run(ckpt)
-    if run is None:
-        return load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
-    if dtype not in (None, run["dtype"]):
-        raise ConfigError(f"{ckpt}: a training run in {run['dtype']}, not dtype {dtype}")
-    model = load_pretrained(run["base"], mesh=mesh, rules=rules, dtype=run["dtype"], quant_sim=quant_sim, remat=remat)
-    with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
-        Checkpoints(ckpt).restore(model, None)
-    return model

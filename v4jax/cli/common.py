@@ -214,9 +214,10 @@ def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, 
                quant_sim: bool = True):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
     under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`.
-    A training run folder gives its base with the run's latest step restored (`v4jax.train.load_checkpoint`)."""
+    A training run folder, full or adapter-only, loads through `v4jax.runs.load_checkpoint`."""
+    from v4jax.runs import load_checkpoint
     from v4jax.sharding import use_rules
-    from v4jax.train import load_checkpoint, training_run
+    from v4jax.train import training_run
 
     run = training_run(ckpt)
     if run is not None and dtype not in (None, run["dtype"]):
@@ -229,10 +230,14 @@ def export_source(src: Path):
     """(source, cfg) for `v4jax.checkpoint.export`: a converted folder as itself (cfg None); a
     training run as its model's flat weights and config, re-encoded to the published layout."""
     from v4jax.checkpoint import weights
+    from v4jax.lora_export import read_run
     from v4jax.train import training_run
 
     if training_run(src) is None:
         return src, None
+    if read_run(src) is not None:
+        raise UsageError(f"{src}: an adapter-only (LoRA) run; `v4jax merge --base BASE --adapter {src} OUT` "
+                         "folds it into its base, then export OUT")
 
     model, _ = load_model(src, None)
     return weights.to_flat(model), model.cfg

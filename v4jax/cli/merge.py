@@ -1,17 +1,14 @@
 """`v4jax merge --base DIR --adapter RUN [--peft] OUT`: fold a LoRA run's adapters into its base and
 write a converted checkpoint (or write them in the PEFT layout); also the `--lora-*` options
-`v4jax train` takes and the run's `lora.json`."""
+`v4jax train` takes and the run's `lora.json` (v4jax.lora_export)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from v4jax.cli.common import UsageError, existing_dir, new_dir, positive_float, positive_int
-
-LORA_JSON = "lora.json"  # in a LoRA run's folder: what rebuilds its adapters
+from v4jax.cli.common import UsageError, existing_dir, new_dir, nonnegative_float, positive_float, positive_int
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -41,7 +38,17 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated module-path endings, each part an fnmatch pattern "
                         "(default: the attention projections and the shared and routed experts; add "
-                        "'indexer.*' for the indexer)")
+                        "'indexer.*' for the indexer, 'gate' for the router)")
+    p.add_argument("--lora-dropout", type=dropout_rate, default=0.0,
+                   help="dropout on the adapters' input in training (PEFT's lora_dropout; the dense projections' "
+                        "adapters only: the experts', wo_a's and the gate's are folded into their weights)")
+
+
+def dropout_rate(value: str) -> float:
+    rate = nonnegative_float(value)
+    if rate >= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value!r}")
+    return rate
 
 
 def add_adapters(model, args: argparse.Namespace, mesh):
@@ -51,49 +58,43 @@ def add_adapters(model, args: argparse.Namespace, mesh):
     import jax
 
     from v4jax import lora
+    from v4jax.lora_export import LORA_JSON, read_run, run_record
     from v4jax.sharding import shard_model
 
     if args.lora_rank is None:
         return nnx.Param
-    cfg = lora.LoRAConfig(args.lora_rank, args.lora_alpha, tuple(t for t in args.lora_targets.split(",") if t))
-    record = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "optimizer": args.optimizer,
-              "dtype": model.cfg.dtype}
-    path = args.out / LORA_JSON
-    if path.is_file() and json.loads(path.read_text()) != record:
-        raise UsageError(f"--out {args.out}: its {LORA_JSON} records {path.read_text().strip()}, "
+    cfg = lora.LoRAConfig(args.lora_rank, args.lora_alpha, tuple(t for t in args.lora_targets.split(",") if t),
+                          args.lora_dropout)
+    record = run_record(cfg, args.optimizer, model.cfg.dtype)
+    recorded = read_run(args.out)
+    if recorded is not None and recorded != record:
+        raise UsageError(f"--out {args.out}: its {LORA_JSON} records {json.dumps(recorded)}, "
                          f"not these options {json.dumps(record)}")
     lora.apply_lora(model, cfg, jax.random.key(0))
     if mesh is not None:
         shard_model(model, mesh, "training")
     args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    (args.out / LORA_JSON).write_text(json.dumps(record))
     return nnx.LoRAParam
 
 
 def run(args: argparse.Namespace) -> None:
     import numpy as np
-    from flax import nnx
-    import jax
 
-    from v4jax import load_pretrained, lora, lora_export, train
+    from v4jax import load_pretrained, lora_export
     from v4jax.checkpoint import converted_config, read_published
     from v4jax.checkpoint.converter import LAYOUT
-    from v4jax.optim import OptimizerConfig
 
-    record_path = args.adapter / LORA_JSON
-    if not record_path.is_file():
-        raise UsageError(f"--adapter {args.adapter}: no {LORA_JSON} (not a `v4jax train --lora-rank` run)")
-    record = json.loads(record_path.read_text())
+    record = lora_export.read_run(args.adapter)
+    if record is None:
+        raise UsageError(f"--adapter {args.adapter}: no {lora_export.LORA_JSON} (not a `v4jax train --lora-rank` run)")
     published = (args.base / "model.safetensors.index.json").is_file()
     if not published and not converted_config(args.base).quantized:
         raise UsageError(f"--base {args.base}: converted without its FP8/FP4 codes; merge needs them "
                          f"(the published folder, or one converted with --keep-quantized)")
     # The adapters' dtype as trained (a restore checks their bytes); the merge itself runs in float32.
     model = load_pretrained(args.base, dtype=record["dtype"], quantized=True)
-    lora.apply_lora(model, lora.LoRAConfig(record["rank"], record["alpha"], tuple(record["targets"])),
-                    jax.random.key(0))
-    opt = train.make_optimizer(model, OptimizerConfig(name=record["optimizer"]), wrt=nnx.LoRAParam)
-    step = train.Checkpoints(args.adapter, wrt=nnx.LoRAParam).restore(model, opt)
+    step = lora_export.restore_adapters(model, args.adapter)
     if args.peft:
         lora_export.write_peft(model, args.out)
         print(f"{args.out}: PEFT adapters of {args.adapter} step {step}", file=sys.stderr)

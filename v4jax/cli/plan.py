@@ -9,9 +9,17 @@ import json
 import os
 from pathlib import Path
 
-from v4jax.cli.common import CONFIGS, existing_file, new_file, nonnegative_int, positive_float, positive_int
+from v4jax.cli.common import CONFIGS, existing_file, int_at_least, new_file, nonnegative_int, positive_float
 
 CONTEXTS = {"128K": 131072, "1M": 1048576}
+# Bounds that keep a plan's arithmetic and simulated meshes finite (4x V4's 1M context; 16
+# times the README's largest mesh): past them XLA's shape arithmetic overflows or the
+# simulated devices take minutes to create.
+MAX_TOKENS = 4 * 1048576
+MAX_BATCH = 4096
+MAX_DEVICES = 4096
+token_count = int_at_least(1, MAX_TOKENS)
+device_count = int_at_least(1, MAX_DEVICES)
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -24,17 +32,18 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", default=["quantized", "bfloat16"], choices=["quantized", "bfloat16"],
                    help="kept FP8/FP4 codes + scales, or dequantised to bf16")
     p.add_argument("--contexts", nargs="+", type=context, default=[context(c) for c in CONTEXTS], help="128K, 1M or a token count")
-    p.add_argument("--devices", nargs="+", type=positive_int, default=[8, 16, 64, 256], help="device counts (table mode)")
+    p.add_argument("--devices", nargs="+", type=device_count, default=[8, 16, 64, 256], help="device counts (table mode)")
     p.add_argument("--fit", nargs="+", type=positive_float, metavar="GB",
                    help="device memory sizes in GB (1e9): find the smallest fitting device count instead")
-    p.add_argument("--fit-sizes", nargs="+", type=positive_int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+    p.add_argument("--fit-sizes", nargs="+", type=device_count, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                    help="device counts --fit tries")
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--batch", type=int_at_least(1, MAX_BATCH), default=1)
+    p.add_argument("--chunk", type=token_count, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--temp-reps", type=nonnegative_int, default=1,
                    help="compile temporaries on a copy with at most this many layers per scan segment "
-                        "(default 1, as the README's tables; 0: the full depth, slow)")
-    p.add_argument("--lora-rank", type=positive_int,
+                        "(default 1, as the README's tables; 0: the full depth, slow); LoRA rows extrapolate "
+                        "the full depth from it and one more")
+    p.add_argument("--lora-rank", type=int_at_least(1, 4096),
                    help="plan LoRA fine-tuning of this rank instead (quantised base, training rules, one "
                         "sequence per device, remat): base, adapters + AdamW and the compiled step's temporaries")
     p.add_argument("--lora-tokens", nargs="+", type=context, default=[("8K", 8192), ("64K", 65536)],
@@ -58,7 +67,7 @@ def context(value: str) -> tuple[str, int]:
     """ "128K", "1M" or a token count -> (label, tokens)."""
     if value in CONTEXTS:
         return value, CONTEXTS[value]
-    return value, positive_int(value)
+    return value, token_count(value)
 
 
 def simulate_devices(n: int) -> None:

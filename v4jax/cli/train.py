@@ -77,7 +77,7 @@ def add(sub) -> argparse.ArgumentParser:
                    help="weight of the sequence-wise balance loss (V4 pre-training: 0.0001; default 0: off)")
     p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the latest ones)")
-    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="data order")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="data order (and LoRA dropout masks)")
     p.add_argument("--peak-tflops", type=positive_float,
                    help="the devices' peak TFLOP/s, summed over the mesh (for the mfu metric; without it mfu is null)")
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
@@ -155,7 +155,10 @@ def run(args: argparse.Namespace) -> None:
                                            balance_weight=args.balance_weight,
                                            bias_update_rate=args.bias_update_rate, grad_accum=args.grad_accum,
                                            wrt=wrt, indexer_loss=args.indexer_loss,
-                                           indexer_weight=args.indexer_weight)
+                                           indexer_weight=args.indexer_weight,
+                                           # masks from (seed, step): a resumed run draws the same ones
+                                           dropout_key=jax.random.fold_in(jax.random.key(args.seed), step)
+                                           if args.lora_rank is not None and args.lora_dropout else None)
                 metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}  # floats, per-layer lists
                 seconds = time.perf_counter() - start
                 tokens_per_s = float((batch["segment_ids"] > 0).sum()) / seconds
