@@ -333,8 +333,8 @@ class Generator:
         or had ended, state). A row ends at a stop token (drawn, not fed) or when left reaches 0."""
         if not 0 <= steps <= DECODE_STEPS:
             raise ValueError(f"steps must be in [0, {DECODE_STEPS}], got {steps}")
-        if stops is None:
-            stops = np.zeros((self.batch_size, self.cfg.vocab_size), bool)
+        # always a device array: a host one would key a second program cache entry (a retrace)
+        stops = jnp.zeros((self.batch_size, self.cfg.vocab_size), bool) if stops is None else jnp.asarray(stops)
         drawn, n, state = self._call(self._decode, self._params, state, np.asarray(tokens, np.int32),
                                      np.asarray(left, np.int32), stops, np.int32(steps), np.bool_(halt), controls)
         return fetch(drawn)[:, :int(fetch(n))], state
