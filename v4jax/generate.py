@@ -166,6 +166,7 @@ class Generator:
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
+        self._verify_loop = jax.jit(self._verify_loop_fn, donate_argnums=(1,))
         self._rows_step = jax.jit(self._rows_fn, donate_argnums=(1,))
         self._clear = jax.jit(clear_rows, donate_argnums=(0,))
 
@@ -208,6 +209,51 @@ class Generator:
         i, _, _, drawn, state, _ = jax.lax.while_loop(more, step, carry)
         return drawn, i, state
 
+    def _verify_loop_fn(self, params, state, pending, draft, q, left, stops, steps, halt, controls: Controls):
+        """Up to `steps` (<= DECODE_STEPS) speculative steps of the batch in one program (verify_step:
+        each row feeds its pending token and, where may_draft allows, its draft).
+
+        pending, draft: [batch]; q: [batch, vocab] the draft's probs; left, stops, halt as in _decode_fn.
+        Each step emits, as Slot.emit would, the kept draft and then the drawn token, each ending the
+        row at a stop token or its last allowed token. Returns (emitted [batch, 2 * DECODE_STEPS]: per
+        step the kept draft and the drawn token, -1 where none (a stop token is emitted, then the row
+        ends); drafted [batch, DECODE_STEPS] bool; steps run; the next drafts [batch], q, state).
+        """
+        model = nnx.merge(self._graphdef, params)
+        batch = pending.shape[0]
+        rows = jnp.arange(batch)
+
+        def more(carry):
+            i, left, ended = carry[0], carry[4], carry[-1]
+            return (i < steps) & (left > 0).any() & ~(halt & ended)
+
+        def step(carry):
+            i, pending, draft, q, left, emitted, drafted_at, state, _ = carry
+            active = left > 0
+            drafted = active & may_draft(self.cfg, state["pos"], self.max_len)
+            ids = jnp.stack([pending, jnp.where(drafted, draft, 0)], axis=1)
+            lengths = active.astype(jnp.int32) * (1 + drafted)
+            token, accepted, next_draft, q_next, state = verify_step(
+                model, state, ids, lengths, drafted, jnp.full((batch,), -1, jnp.int32), q, controls)
+            kept = drafted & accepted
+            kept_stop = kept & stops[rows, draft]
+            left = jnp.where(kept, left - 1, left)
+            ended = kept_stop | (kept & (left == 0))
+            emits = active & ~ended
+            left = jnp.where(emits, left - 1, left)
+            ended |= emits & (stops[rows, token] | (left == 0))
+            emitted = emitted.at[:, 2 * i].set(jnp.where(kept, draft, -1))
+            emitted = emitted.at[:, 2 * i + 1].set(jnp.where(emits, token, -1))
+            drafted_at = drafted_at.at[:, i].set(drafted)
+            return (i + 1, jnp.where(active, token, pending), jnp.where(active, next_draft, draft),
+                    jnp.where(active[:, None], q_next, q), jnp.where(ended, 0, left), emitted, drafted_at, state,
+                    (active & ended).any())
+
+        carry = (jnp.int32(0), pending, draft, q, left, jnp.full((batch, 2 * DECODE_STEPS), -1, jnp.int32),
+                 jnp.zeros((batch, DECODE_STEPS), bool), state, jnp.bool_(False))
+        i, _, draft, q, _, emitted, drafted_at, state, _ = jax.lax.while_loop(more, step, carry)
+        return emitted, drafted_at, i, draft, q, state
+
     def _rows_fn(self, params, state, rows, ids, lengths, drafted, follow, q, controls: Controls):
         """A step of some slots on their own: rows [k] distinct slot numbers, ids [k, T] -> as verify_step
         over those rows ([k] results), with the full q and state (the rows' parts written back in place).
@@ -238,7 +284,7 @@ class Generator:
         """How many step programs have been compiled (one per chunk width and, for steps of some slots on
         their own, per bucketed number of slots)."""
         return (self._step._cache_size() + self._decode._cache_size() + self._verify._cache_size()
-                + self._rows_step._cache_size())
+                + self._verify_loop._cache_size() + self._rows_step._cache_size())
 
     def warm_up(self) -> int:
         """Compile every step program serve() can run (each run once, feeding nothing, on a scratch
@@ -250,9 +296,14 @@ class Generator:
         widths = sorted({bucket(1 << k, self.min_bucket) for k in range(self.prefill_chunk.bit_length())})
         parts = [] if self.mesh is not None else [1 << k for k in range((self.batch_size - 1).bit_length())]
         shapes = [(self.batch_size, 1 + self.speculative)] + [(r, w) for w in widths for r in parts + [self.batch_size]]
-        if not self.speculative:  # decode-only steps: the on-device loop (prompt chunks still use _step)
+        zeros = np.zeros(self.batch_size, np.int32)
+        if self.speculative:  # decode-only steps: the on-device loops (steps beside prompt chunks: one each)
+            *_, q, state = self._call(self._verify_loop, self._params, state, zeros, zeros, q, zeros,
+                                      self._slot_stops([None] * self.batch_size), np.int32(0), np.bool_(False),
+                                      controls)
+        else:  # plain prompt chunks still use _step
             shapes = shapes[1:]
-            _, state = self.decode_steps(state, np.zeros(self.batch_size), np.zeros(self.batch_size), controls, steps=0)
+            _, state = self.decode_steps(state, zeros, zeros, controls, steps=0)
         for rows, width in shapes:  # decode steps always take the whole batch
             ids, n = np.zeros((rows, width), np.int32), np.zeros(rows, np.int32)
             no = (np.zeros(rows, bool), np.full(rows, -1, np.int32))
@@ -435,12 +486,13 @@ class Generator:
         not batch x width), then the slots that were decoding take one step. Otherwise the decoding slots
         run up to DECODE_STEPS steps in one dispatch, returning early when one ends and a request is
         `waiting`. On a mesh every step shares the whole batch (a part of it would not split over the
-        data axes). With speculation every step is a verify step (one dispatch each)."""
+        data axes). With speculation every decode step is a verify step: one per dispatch beside prompt
+        chunks, in the on-device loop (_verify_loop_fn) otherwise."""
         live = np.array([s is not None for s in slots])
         pre = np.array([s is not None and s.fed < len(s.request.prompt) for s in slots])
         decoding = live & ~pre
-        if self.speculative or (self.mesh is not None and pre.any()):
-            if self.mesh is not None or not pre.any():
+        if pre.any() and (self.speculative or self.mesh is not None):
+            if self.mesh is not None:
                 return self._step_rows(slots, live, state, q, controls, on_token, stats)
             state, q = self._step_rows(slots, pre, state, q, controls, on_token, stats, alone=True)
             if decoding.any():
@@ -453,8 +505,52 @@ class Generator:
             steps = STRING_CHECK_STEPS
         else:
             steps = DECODE_STEPS
-        if decoding.any():
+        if decoding.any() and self.speculative:
+            state, q = self._verify_rows(slots, decoding, state, q, controls, stops, steps, waiting, on_token, stats)
+        elif decoding.any():
             state = self._decode_rows(slots, decoding, state, controls, stops, steps, waiting, on_token, stats)
+        return state, q
+
+    def _verify_rows(self, slots, rows, state, q, controls: Controls, stops, steps: int, halt: bool, on_token,
+                     stats):
+        """Up to `steps` speculative steps of the slots in rows [batch] bool in one dispatch
+        (_verify_loop_fn), replayed on the host as _decode_rows does."""
+        pending, draft, left = (np.zeros(self.batch_size, np.int32) for _ in range(3))
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            pending[b], draft[b], left[b] = s.pending, s.draft, s.budget - len(s.out)
+        compiled = self.compiled_shapes()
+        t0 = time.perf_counter()
+        emitted, drafted, n, next_draft, q, state = self._call(
+            self._verify_loop, self._params, state, pending, draft, q, left, stops, np.int32(steps), np.bool_(halt),
+            controls)
+        n = int(fetch(n))
+        emitted, drafted, next_draft = fetch(emitted), fetch(drafted), fetch(next_draft)
+        seconds = time.perf_counter() - t0
+        made = 0
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            for i in range(n):
+                kept, token = emitted[b, 2 * i], emitted[b, 2 * i + 1]
+                if s.done or (kept < 0 and token < 0):
+                    break
+                before = len(s.out)
+                s.fed += 1 + (kept >= 0)
+                s.drafted += int(drafted[b, i])
+                if kept >= 0:
+                    s.accepted += 1
+                    s.emit(int(kept), on_token)
+                if token >= 0:
+                    s.emit(int(token), on_token)
+                    s.pending = int(token)
+                if s.request.until is not None and len(s.out) > before and s.request.until(s.out):
+                    s.reason, s.done = "stop", True
+                made += len(s.out) - before
+            s.draft = int(next_draft[b])
+        if stats is not None and self.compiled_shapes() == compiled:
+            stats.decode_seconds += seconds
+            stats.decode_tokens += made
+            stats.decode_steps += n
         return state, q
 
     def _decode_rows(self, slots, rows, state, controls: Controls, stops, steps: int, halt: bool, on_token, stats):
