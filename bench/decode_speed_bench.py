@@ -29,11 +29,12 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ModelConfig
-from v4jax.generate import Generation, Generator, Request
+from v4jax.generate import DECODE_STEPS, Generation, Generator, Request
 from v4jax.model import Transformer
 from v4jax.optim import OptimizerConfig
 from v4jax.sampling import Sampling
 from v4jax.data import pack_rows, training_batches
+from v4jax.tokens import bucket
 from v4jax.train import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,16 +91,22 @@ def workload(rng, n: int, max_prompt: int, max_output: int, vocab: int) -> list[
 
 
 def static_batch(gen: Generator, wave: list[Request]) -> int:
-    """Static batching: the wave's prompts prefilled together (shared [batch, width] chunks, short rows
-    padding), then every row decodes in lockstep until the wave's longest output is done; the
-    generator's own programs (prefill, decode). Returns the tokens generated."""
+    """Static batching as HF generate does it: the wave's prompts prefilled together (shared [batch, width]
+    chunks, each padded to the wave's longest chunk: rows whose prompt is done ride along as padding), then
+    every row decodes in lockstep until the wave's longest output is done (a finished row is fed nothing
+    but its batch row is still computed). The generator's own programs: prefill chunks, then the on-device
+    decode loop (DECODE_STEPS steps per dispatch). Returns the tokens generated."""
     prompts = [r.prompt for r in wave] + [[]] * (gen.batch_size - len(wave))
     budgets = np.array([min(r.max_new_tokens, gen.max_len + 1 - len(r.prompt)) for r in wave]
                        + [0] * (gen.batch_size - len(wave)))
     controls = gen.controls(GREEDY)
     tokens, _, state = gen.prefill(gen.new_state(), prompts, controls)
-    for made in range(1, int(budgets.max())):  # the last drawn token is never fed back
-        tokens, _, state = gen.decode(state, tokens, budgets > made, controls)
+    left = np.maximum(budgets - 1, 0)  # the first token comes with the prompt; the last is never fed back
+    while left.any():
+        drawn, state = gen.decode_steps(state, tokens, left, controls)
+        for b in np.flatnonzero(left):
+            row = drawn[b][drawn[b] >= 0]
+            tokens[b], left[b] = row[-1], left[b] - len(row)
     return int(budgets.sum())
 
 
@@ -128,7 +135,12 @@ def batching(model, slots: int, n: int, max_prompt: int, max_output: int, chunk:
             assert generated == total
             runs[mode].append((seconds, stats.prefill_seconds, stats.decode_seconds, stats.decode_steps))
     budgets = [min(r.max_new_tokens, gen.max_len + 1 - len(r.prompt)) for r in requests]
+    prompts = [len(r.prompt) for r in requests]
+    # prompt rows static batching feeds: per wave, per chunk, every row at the width of the longest
+    padded = sum(slots * sum(bucket(min(chunk, top - c), gen.min_bucket) for c in range(0, top, chunk))
+                 for top in (max(prompts[i:i + slots]) for i in range(0, n, slots)))
     out = {"requests": n, "slots": slots, "programs": programs, "generated_tokens": total,
+           "compiles_during_runs": gen.compiled_shapes() - programs, "static_prompt_rows": padded,
            # decode steps static batching takes (each wave's longest output; its first token comes
            # with the prompt) and the fewest any schedule of `slots` slots can take
            "static_decode_steps": sum(max(budgets[i:i + slots]) - 1 for i in range(0, n, slots)),
@@ -173,12 +185,25 @@ def main() -> None:
           f"programs, medians of {b['repeats']} alternated runs: continuous {b['continuous']['tokens_per_s']:.1f} "
           f"vs static {b['static']['tokens_per_s']:.1f} tokens/s -> {b['static']['speedup']:.2f}x (goal >= 2x); "
           f"vs waves through serve {b['waves']['tokens_per_s']:.1f} tokens/s -> {b['waves']['speedup']:.2f}x")
+    print(f"  static: per wave of {b['slots']} requests, the prompts prefilled together in [{b['slots']}, "
+          f"<={args.chunk}] chunks (each padded to the wave's longest row), then lockstep decode until the "
+          f"wave's longest output (finished rows still computed), {DECODE_STEPS} steps per dispatch")
+    print(f"  continuous: a freed slot takes the next request at once; the refilling slots' prompts go in "
+          f"shared [bucketed count, <={args.chunk}] chunks, one decode step of the other slots after each; "
+          f"otherwise up to {DECODE_STEPS} decode steps per dispatch, returning when a sequence ends")
     print(f"  decode steps: static {b['static_decode_steps']}, continuous {b['continuous']['decode_steps']} "
-          f"(no schedule of {b['slots']} slots takes fewer than {b['min_decode_steps']})")
+          f"(no schedule of {b['slots']} slots takes fewer than {b['min_decode_steps']}); prompt rows fed: static "
+          f"{b['static_prompt_rows']} (padded), continuous {b['prompt_tokens']} (+ bucketing of the refill count)")
+    ceiling = max(b['static_decode_steps'] / b['min_decode_steps'], b['static_prompt_rows'] / b['prompt_tokens'])
+    print(f"  ceiling: with costs proportional to steps and rows, no continuous schedule beats static by more "
+          f"than {ceiling:.2f}x on this workload (the larger of the decode-step and prompt-row ratios)")
     for mode in ("continuous", "waves"):
         m = b[mode]
         print(f"  {mode}: {m['seconds']:.1f} s = prompt-chunk steps {m['prefill_steps_s']:.1f} s + "
               f"{m['decode_steps']} decode steps {m['decode_steps_s']:.1f} s + host {m['host_s']:.1f} s")
+    print(f"  static: {b['static']['seconds']:.1f} s; programs compiled during the timed runs: "
+          f"{b['compiles_during_runs']}")
+
 
 if __name__ == "__main__":
     main()

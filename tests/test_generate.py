@@ -10,7 +10,7 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.errors import DataError
-from v4jax.generate import Generator, Request
+from v4jax.generate import DECODE_STEPS, Generator, Request
 from v4jax.model import Transformer
 from v4jax.sampling import Sampling, filter_logits, sample, sequence_keys, token_keys
 
@@ -119,6 +119,37 @@ def test_greedy_generation_is_the_argmax_of_a_full_forward(gen, model):
     for b, (prompt, seq) in enumerate(zip(PROMPTS, out.sequences)):
         assert seq.finish_reason == "length" and len(seq.tokens) == 12
         np.testing.assert_array_equal(full[b, len(prompt) - 1:len(prompt) + 11].argmax(-1), seq.tokens)
+
+
+def test_decode_loop_ends_rows_at_their_budget_or_stop_token_and_halts_at_the_first_end(gen, model):
+    """decode_steps runs several greedy steps in one dispatch: each row draws the argmax continuation
+    (of full forwards here) until its budget or a stop token (drawn, then the row idles: -1); with halt it
+    returns after the first step that ends a row, without it when every row has ended."""
+    prompts = PROMPTS[:2]
+    forward = nnx.jit(lambda m, x: m(x))
+    ids = np.zeros((2, 24), np.int32)
+    ref = [[], []]
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    for k in range(11):
+        full = np.asarray(forward(model, jnp.asarray(ids)))
+        for b, p in enumerate(prompts):
+            ref[b].append(int(full[b, len(p) + k - 1].argmax()))
+            ids[b, len(p) + k] = ref[b][-1]
+    controls = gen.controls(Sampling(temperature=0))
+    first, _, state = gen.prefill(gen.new_state(), prompts, controls)
+    assert list(first) == [ref[0][0], ref[1][0]]
+    drawn, state = gen.decode_steps(state, first, np.array([3, 9]), controls, halt=True)
+    np.testing.assert_array_equal(drawn, [ref[0][1:4], ref[1][1:4]])  # row 0's budget ended it: halt
+    stop = ref[1][7]
+    cut = ref[1][4:].index(stop)
+    stops = np.zeros((2, model.cfg.vocab_size), bool)
+    stops[1, stop] = True
+    drawn, state = gen.decode_steps(state, drawn[:, -1], np.array([0, 6]), controls, stops)
+    np.testing.assert_array_equal(drawn, [[-1] * (cut + 1), ref[1][4:5 + cut]])  # row 1 drew its stop token
+    assert list(np.asarray(state["pos"])) == [len(prompts[0]) + 3, len(prompts[1]) + 4 + cut]  # stop: not fed
+    with pytest.raises(ValueError, match="steps must be in"):
+        gen.decode_steps(state, drawn[:, -1], np.array([1, 1]), controls, steps=DECODE_STEPS + 1)
 
 
 def test_same_seed_same_completions_and_streaming_matches(gen):

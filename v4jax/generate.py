@@ -7,9 +7,12 @@ cleared and its prompt is fed in chunks of at most `prefill_chunk` tokens: each 
 slot with prompt left feeds one chunk in one shared step over just those slots (their rows
 gathered from the state and written back), then the decoding slots take a step (per-row
 lengths say what each slot feeds, 0 leaves a slot untouched). Results come back as each
-request finishes. Widths are 1 (2 with speculation) for steps that only decode and a
-power-of-two bucket for steps with prompt tokens, so nothing recompiles per step, per prompt
-length or per request (`warm_up` compiles them all up front).
+request finishes. Steps that only decode run on device in one program of up to
+`DECODE_STEPS` steps (stop tokens and budgets checked there; it returns after the first
+step that ends a sequence while requests wait, so the slot is refilled at once); the host
+sees the tokens once per dispatch, not once per token. Steps with prompt tokens take a
+power-of-two bucket of widths, so nothing recompiles per step, per prompt length or per
+request (`warm_up` compiles them all up front).
 
 With speculative=True every decoding slot also verifies one token drafted by the
 MTP block (v4jax.speculative): greedy output is plain greedy's, sampled output
@@ -42,6 +45,13 @@ from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
 from v4jax.sharding import fetch, use_rules
 from v4jax.speculative import make_verify_step, may_draft, verify_step
 from v4jax.tokens import bucket, check_token_ids
+
+# Most decode steps one dispatch runs: the host emits tokens, checks stop strings and refills
+# slots between dispatches (the program returns early when a sequence ends and a request waits).
+DECODE_STEPS = 32
+# With a stop string (checked on the host) in a live slot a dispatch runs at most this many steps,
+# so a sequence that stopped holds its slot for at most STRING_CHECK_STEPS - 1 extra steps.
+STRING_CHECK_STEPS = 4
 
 
 class Controls(NamedTuple):
@@ -154,7 +164,9 @@ class Generator:
         self.speculative = speculative
         self._graphdef, self._params = nnx.split(model)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
+        self._verify_loop = jax.jit(self._verify_loop_fn, donate_argnums=(1,))
         self._rows_step = jax.jit(self._rows_fn, donate_argnums=(1,))
         self._clear = jax.jit(clear_rows, donate_argnums=(0,))
 
@@ -167,6 +179,80 @@ class Generator:
         keys = token_keys(controls.keys, state["pos"])  # drawn token sits at position pos
         tokens = sample(last, keys, controls.temperature, controls.top_k, controls.top_p)
         return tokens, last, state
+
+    def _decode_fn(self, params, state, tokens, left, stops, steps, halt, controls: Controls):
+        """Up to `steps` (<= DECODE_STEPS) plain decode steps of the batch in one program.
+
+        tokens: [batch] the token each row feeds next; left: [batch] tokens each row may still draw
+        (0: an idle row, fed nothing); stops: [batch, vocab] bool, the row's stop tokens; halt: return
+        after the first step in which a row ends (a stop token, or its last allowed token). A row ends
+        as Slot.emit decides, so the host replaying the tokens agrees. Returns (drawn [batch,
+        DECODE_STEPS]: the token each step drew, -1 where the row was idle; steps run; state).
+        """
+        batch = tokens.shape[0]
+
+        def more(carry):
+            i, _, left, _, _, ended = carry
+            return (i < steps) & (left > 0).any() & ~(halt & ended)
+
+        def step(carry):
+            i, tokens, left, drawn, state, _ = carry
+            active = left > 0
+            token, _, state = self._step_fn(params, state, tokens[:, None], active.astype(jnp.int32), controls)
+            stop = stops[jnp.arange(batch), token]
+            new_left = jnp.where(active, jnp.where(stop, 0, left - 1), 0)
+            drawn = drawn.at[:, i].set(jnp.where(active, token, -1))
+            return i + 1, jnp.where(active, token, tokens), new_left, drawn, state, (active & (new_left == 0)).any()
+
+        drawn = jnp.full((batch, DECODE_STEPS), -1, jnp.int32)
+        carry = (jnp.int32(0), tokens, left, drawn, state, jnp.bool_(False))
+        i, _, _, drawn, state, _ = jax.lax.while_loop(more, step, carry)
+        return drawn, i, state
+
+    def _verify_loop_fn(self, params, state, pending, draft, q, left, stops, steps, halt, controls: Controls):
+        """Up to `steps` (<= DECODE_STEPS) speculative steps of the batch in one program (verify_step:
+        each row feeds its pending token and, where may_draft allows, its draft).
+
+        pending, draft: [batch]; q: [batch, vocab] the draft's probs; left, stops, halt as in _decode_fn.
+        Each step emits, as Slot.emit would, the kept draft and then the drawn token, each ending the
+        row at a stop token or its last allowed token. Returns (emitted [batch, 2 * DECODE_STEPS]: per
+        step the kept draft and the drawn token, -1 where none (a stop token is emitted, then the row
+        ends); drafted [batch, DECODE_STEPS] bool; steps run; the next drafts [batch], q, state).
+        """
+        model = nnx.merge(self._graphdef, params)
+        batch = pending.shape[0]
+        rows = jnp.arange(batch)
+
+        def more(carry):
+            i, left, ended = carry[0], carry[4], carry[-1]
+            return (i < steps) & (left > 0).any() & ~(halt & ended)
+
+        def step(carry):
+            i, pending, draft, q, left, emitted, drafted_at, state, _ = carry
+            active = left > 0
+            drafted = active & may_draft(self.cfg, state["pos"], self.max_len)
+            ids = jnp.stack([pending, jnp.where(drafted, draft, 0)], axis=1)
+            lengths = active.astype(jnp.int32) * (1 + drafted)
+            token, accepted, next_draft, q_next, state = verify_step(
+                model, state, ids, lengths, drafted, jnp.full((batch,), -1, jnp.int32), q, controls)
+            kept = drafted & accepted
+            kept_stop = kept & stops[rows, draft]
+            left = jnp.where(kept, left - 1, left)
+            ended = kept_stop | (kept & (left == 0))
+            emits = active & ~ended
+            left = jnp.where(emits, left - 1, left)
+            ended |= emits & (stops[rows, token] | (left == 0))
+            emitted = emitted.at[:, 2 * i].set(jnp.where(kept, draft, -1))
+            emitted = emitted.at[:, 2 * i + 1].set(jnp.where(emits, token, -1))
+            drafted_at = drafted_at.at[:, i].set(drafted)
+            return (i + 1, jnp.where(active, token, pending), jnp.where(active, next_draft, draft),
+                    jnp.where(active[:, None], q_next, q), jnp.where(ended, 0, left), emitted, drafted_at, state,
+                    (active & ended).any())
+
+        carry = (jnp.int32(0), pending, draft, q, left, jnp.full((batch, 2 * DECODE_STEPS), -1, jnp.int32),
+                 jnp.zeros((batch, DECODE_STEPS), bool), state, jnp.bool_(False))
+        i, _, draft, q, _, emitted, drafted_at, state, _ = jax.lax.while_loop(more, step, carry)
+        return emitted, drafted_at, i, draft, q, state
 
     def _rows_fn(self, params, state, rows, ids, lengths, drafted, follow, q, controls: Controls):
         """A step of some slots on their own: rows [k] distinct slot numbers, ids [k, T] -> as verify_step
@@ -197,7 +283,8 @@ class Generator:
     def compiled_shapes(self) -> int:
         """How many step programs have been compiled (one per chunk width and, for steps of some slots on
         their own, per bucketed number of slots)."""
-        return self._step._cache_size() + self._verify._cache_size() + self._rows_step._cache_size()
+        return (self._step._cache_size() + self._decode._cache_size() + self._verify._cache_size()
+                + self._verify_loop._cache_size() + self._rows_step._cache_size())
 
     def warm_up(self) -> int:
         """Compile every step program serve() can run (each run once, feeding nothing, on a scratch
@@ -209,6 +296,14 @@ class Generator:
         widths = sorted({bucket(1 << k, self.min_bucket) for k in range(self.prefill_chunk.bit_length())})
         parts = [] if self.mesh is not None else [1 << k for k in range((self.batch_size - 1).bit_length())]
         shapes = [(self.batch_size, 1 + self.speculative)] + [(r, w) for w in widths for r in parts + [self.batch_size]]
+        zeros = np.zeros(self.batch_size, np.int32)
+        if self.speculative:  # decode-only steps: the on-device loops (steps beside prompt chunks: one each)
+            *_, q, state = self._call(self._verify_loop, self._params, state, zeros, zeros, q, zeros,
+                                      self._slot_stops([None] * self.batch_size), np.int32(0), np.bool_(False),
+                                      controls)
+        else:  # plain prompt chunks still use _step
+            shapes = shapes[1:]
+            _, state = self.decode_steps(state, zeros, zeros, controls, steps=0)
         for rows, width in shapes:  # decode steps always take the whole batch
             ids, n = np.zeros((rows, width), np.int32), np.zeros(rows, np.int32)
             no = (np.zeros(rows, bool), np.full(rows, -1, np.int32))
@@ -281,6 +376,20 @@ class Generator:
         drawn, logits, state = self._run(state, ids, np.asarray(active, np.int32), controls)
         return fetch(drawn), logits, state
 
+    def decode_steps(self, state, tokens: np.ndarray, left: np.ndarray, controls: Controls, stops=None,
+                     steps: int = DECODE_STEPS, halt: bool = False):
+        """Up to `steps` decode steps in one dispatch: tokens [batch] fed first, left [batch] tokens each
+        row may still draw (0: idle), stops [batch, vocab] bool (default none), halt: return after the
+        first step that ends a row -> (drawn [batch, steps run] on the host, -1 where a row was idle
+        or had ended, state). A row ends at a stop token (drawn, not fed) or when left reaches 0."""
+        if not 0 <= steps <= DECODE_STEPS:
+            raise ValueError(f"steps must be in [0, {DECODE_STEPS}], got {steps}")
+        # always a device array: a host one would key a second program cache entry (a retrace)
+        stops = jnp.zeros((self.batch_size, self.cfg.vocab_size), bool) if stops is None else jnp.asarray(stops)
+        drawn, n, state = self._call(self._decode, self._params, state, np.asarray(tokens, np.int32),
+                                     np.asarray(left, np.int32), stops, np.int32(steps), np.bool_(halt), controls)
+        return fetch(drawn)[:, :int(fetch(n))], state
+
     def verify(self, state, ids: np.ndarray, lengths: np.ndarray, drafted: np.ndarray, follow: np.ndarray, q,
                controls: Controls):
         """One speculative step (v4jax.speculative.verify_step) -> (token, accepted, next draft [batch] on
@@ -323,7 +432,7 @@ class Generator:
         slots: list[_Slot | None] = [None] * self.batch_size
         state = self.new_state()
         q = jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32)  # draft probs, speculative only
-        controls, exhausted = None, False
+        controls, stops, exhausted = None, None, False
         while True:
             cleared = np.zeros(self.batch_size, bool)
             for b in range(self.batch_size):
@@ -342,8 +451,8 @@ class Generator:
             if cleared.any():
                 state = self._call(self._clear, state, cleared)
             if controls is None:
-                controls = self._slot_controls(slots)
-            state, q = self._advance(slots, state, q, controls, on_token, stats)
+                controls, stops = self._slot_controls(slots), self._slot_stops(slots)
+            state, q = self._advance(slots, state, q, controls, stops, not exhausted, on_token, stats)
             for b, slot in enumerate(slots):
                 if slot is not None and slot.done:
                     slots[b] = None
@@ -363,19 +472,116 @@ class Generator:
         return Controls(_slot_keys(seeds, indices),
                         *_settings([s.request.sampling if s is not None else Sampling() for s in slots]))
 
-    def _advance(self, slots, state, q, controls: Controls, on_token, stats):
-        """One round of steps: the slots with prompt left take a chunk each, together in one step (a
-        program over just those slots, their count padded to a power of two, so it costs their tokens,
-        not batch x width), then the slots that were decoding take a step. On a mesh every step shares
-        the whole batch (a part of it would not split over the data axes)."""
+    def _slot_stops(self, slots) -> jax.Array:
+        """[batch, vocab] bool on device: each slot's stop tokens (for the on-device decode loop)."""
+        stops = np.zeros((self.batch_size, self.cfg.vocab_size), bool)
+        for b, s in enumerate(slots):
+            if s is not None:
+                stops[b, list(s.request.stop_tokens)] = True
+        return jnp.asarray(stops)
+
+    def _advance(self, slots, state, q, controls: Controls, stops, waiting: bool, on_token, stats):
+        """One round of steps. While slots have prompt left they take a chunk each, together in one step
+        (a program over just those slots, their count padded to a power of two, so it costs their tokens,
+        not batch x width), then the slots that were decoding take one step. Otherwise the decoding slots
+        run up to DECODE_STEPS steps in one dispatch, returning early when one ends and a request is
+        `waiting`. On a mesh every step shares the whole batch (a part of it would not split over the
+        data axes). With speculation every decode step is a verify step: one per dispatch beside prompt
+        chunks, in the on-device loop (_verify_loop_fn) otherwise."""
         live = np.array([s is not None for s in slots])
         pre = np.array([s is not None and s.fed < len(s.request.prompt) for s in slots])
-        if self.mesh is not None or not pre.any():
-            return self._step_rows(slots, live, state, q, controls, on_token, stats)
-        state, q = self._step_rows(slots, pre, state, q, controls, on_token, stats, alone=True)
-        if (live & ~pre).any():
-            state, q = self._step_rows(slots, live & ~pre, state, q, controls, on_token, stats)
+        decoding = live & ~pre
+        if pre.any() and (self.speculative or self.mesh is not None):
+            if self.mesh is not None:
+                return self._step_rows(slots, live, state, q, controls, on_token, stats)
+            state, q = self._step_rows(slots, pre, state, q, controls, on_token, stats, alone=True)
+            if decoding.any():
+                state, q = self._step_rows(slots, decoding, state, q, controls, on_token, stats)
+            return state, q
+        if pre.any():
+            state, q = self._step_rows(slots, pre, state, q, controls, on_token, stats, alone=True)
+            steps = 1
+        elif any(slots[b].request.until is not None for b in np.flatnonzero(decoding)):
+            steps = STRING_CHECK_STEPS
+        else:
+            steps = DECODE_STEPS
+        if decoding.any() and self.speculative:
+            state, q = self._verify_rows(slots, decoding, state, q, controls, stops, steps, waiting, on_token, stats)
+        elif decoding.any():
+            state = self._decode_rows(slots, decoding, state, controls, stops, steps, waiting, on_token, stats)
         return state, q
+
+    def _verify_rows(self, slots, rows, state, q, controls: Controls, stops, steps: int, halt: bool, on_token,
+                     stats):
+        """Up to `steps` speculative steps of the slots in rows [batch] bool in one dispatch
+        (_verify_loop_fn), replayed on the host as _decode_rows does."""
+        pending, draft, left = (np.zeros(self.batch_size, np.int32) for _ in range(3))
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            pending[b], draft[b], left[b] = s.pending, s.draft, s.budget - len(s.out)
+        compiled = self.compiled_shapes()
+        t0 = time.perf_counter()
+        emitted, drafted, n, next_draft, q, state = self._call(
+            self._verify_loop, self._params, state, pending, draft, q, left, stops, np.int32(steps), np.bool_(halt),
+            controls)
+        n = int(fetch(n))
+        emitted, drafted, next_draft = fetch(emitted), fetch(drafted), fetch(next_draft)
+        seconds = time.perf_counter() - t0
+        made = 0
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            for i in range(n):
+                kept, token = emitted[b, 2 * i], emitted[b, 2 * i + 1]
+                if s.done or (kept < 0 and token < 0):
+                    break
+                before = len(s.out)
+                s.fed += 1 + (kept >= 0)
+                s.drafted += int(drafted[b, i])
+                if kept >= 0:
+                    s.accepted += 1
+                    s.emit(int(kept), on_token)
+                if token >= 0:
+                    s.emit(int(token), on_token)
+                    s.pending = int(token)
+                if s.request.until is not None and len(s.out) > before and s.request.until(s.out):
+                    s.reason, s.done = "stop", True
+                made += len(s.out) - before
+            s.draft = int(next_draft[b])
+        if stats is not None and self.compiled_shapes() == compiled:
+            stats.decode_seconds += seconds
+            stats.decode_tokens += made
+            stats.decode_steps += n
+        return state, q
+
+    def _decode_rows(self, slots, rows, state, controls: Controls, stops, steps: int, halt: bool, on_token, stats):
+        """Up to `steps` decode steps of the slots in rows [batch] bool in one dispatch (decode_steps);
+        the host then replays each slot's tokens through emit and its stop-string check, which may end
+        it before the device did (the rest of its tokens are dropped; the slot is cleared on reuse)."""
+        tokens, left = np.zeros(self.batch_size, np.int32), np.zeros(self.batch_size, np.int32)
+        for b in np.flatnonzero(rows):
+            tokens[b], left[b] = slots[b].pending, slots[b].budget - len(slots[b].out)
+        compiled = self.compiled_shapes()
+        t0 = time.perf_counter()
+        drawn, state = self.decode_steps(state, tokens, left, controls, stops, steps, halt)
+        seconds = time.perf_counter() - t0
+        made = 0
+        for b in np.flatnonzero(rows):
+            s = slots[b]
+            for token in drawn[b][drawn[b] >= 0]:
+                if s.done:
+                    break
+                before = len(s.out)
+                s.fed += 1
+                s.emit(int(token), on_token)
+                if s.request.until is not None and len(s.out) > before and s.request.until(s.out):
+                    s.reason, s.done = "stop", True
+                made += len(s.out) - before
+                s.pending = int(token)
+        if stats is not None and self.compiled_shapes() == compiled:
+            stats.decode_seconds += seconds
+            stats.decode_tokens += made
+            stats.decode_steps += drawn.shape[1]
+        return state
 
     def _step_rows(self, slots, rows, state, q, controls: Controls, on_token, stats, alone: bool = False):
         """One step for the slots in rows [batch] bool: a prompt chunk, or the pending token (and its

@@ -71,10 +71,13 @@ def accept_or_resample(p, q, draft, accept_keys, residual_keys):
     return accepted, jnp.where(accepted, draft, draw(residual, residual_keys))
 
 
-def may_draft(cfg: ModelConfig, pos: int, max_len: int) -> bool:
-    """Whether a sequence at `pos` may verify a draft at pos + 1 (see the module docstring)."""
-    plain = {m for m in cfg.compress_ratios[:cfg.num_hidden_layers] if m and m != 4}
-    return pos + 2 <= max_len and all((pos + 2) % m for m in plain)
+def may_draft(cfg: ModelConfig, pos, max_len: int):
+    """Whether a sequence at `pos` (an int, or an array of them) may verify a draft at pos + 1 (see the
+    module docstring)."""
+    ok = pos + 2 <= max_len
+    for m in {m for m in cfg.compress_ratios[:cfg.num_hidden_layers] if m and m != 4}:
+        ok = ok & ((pos + 2) % m != 0)
+    return ok
 
 
 def _row(a, index):
