@@ -95,10 +95,14 @@ def test_sampling_settings_are_checked():
 # ---------------------------------------------------------------------------- the generation loop
 @pytest.fixture(scope="module")
 def model():
-    """Two layers (CSA, HCA) keep the compiles short; sampling needs no depth."""
+    """Two layers (CSA, HCA) keep the compiles short; sampling needs no depth. Its variables are
+    committed to the device, as a loaded checkpoint's are (the compile counts below then also show
+    that fresh decode states do not key second programs)."""
     raw = json.load(open("configs/tiny.json"))
     raw.update(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)
-    return Transformer(ModelConfig.from_dict(raw, dtype="float32", quant_sim=False), rngs=nnx.Rngs(0))
+    model = Transformer(ModelConfig.from_dict(raw, dtype="float32", quant_sim=False), rngs=nnx.Rngs(0))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,8 @@ class Generator:
         self.quantized_cache = quantized_cache
         self.mesh, self.rules = mesh, rules
         self.speculative = speculative
-        self._graphdef, self._params = nnx.split(model)
+        self._graphdef, params = nnx.split(model)
+        self._params = self._committed(params)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._verify = jax.jit(make_verify_step(self._graphdef), donate_argnums=(1,))
@@ -291,7 +292,7 @@ class Generator:
         state) and the slot-clearing one, so no request pays a compile. Returns how many step
         programs there are."""
         state = self.new_state()
-        q = jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32)
+        q = self._draft_probs()
         controls = self.controls()
         widths = sorted({bucket(1 << k, self.min_bucket) for k in range(self.prefill_chunk.bit_length())})
         parts = [] if self.mesh is not None else [1 << k for k in range((self.batch_size - 1).bit_length())]
@@ -325,9 +326,20 @@ class Generator:
             return init_cache(self.cfg, self.batch_size, self.max_len, quantized=self.quantized_cache)
 
         if self.mesh is None:
-            return make()
+            return self._committed(make())
         shardings = cache_shardings(jax.eval_shape(make), self.mesh, self.rules)
         return jax.jit(make, out_shardings=shardings)()
+
+    def _committed(self, tree):
+        """Without a mesh, `tree` committed to the default device. A program's cache entry is keyed on
+        whether its arguments are committed: a fresh (uncommitted) state or draft buffer next to committed
+        outputs of earlier steps (committed parameters, as loaded checkpoints have, make them so) would
+        compile each program a second time. On a mesh everything is placed already."""
+        return tree if self.mesh is not None else jax.device_put(tree, jax.devices()[0])
+
+    def _draft_probs(self) -> jax.Array:
+        """The draft probabilities [batch, vocab] a speculative run starts from (unused otherwise)."""
+        return self._committed(jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32))
 
     def controls(self, sampling: Sampling | Sequence[Sampling] = Sampling(), seed: int = 0,
                  first_index: int = 0) -> Controls:
@@ -431,7 +443,7 @@ class Generator:
         queue = enumerate(requests)
         slots: list[_Slot | None] = [None] * self.batch_size
         state = self.new_state()
-        q = jnp.zeros((self.batch_size, self.cfg.vocab_size), jnp.float32)  # draft probs, speculative only
+        q = self._draft_probs()  # speculative only
         controls, stops, exhausted = None, None, False
         while True:
             cleared = np.zeros(self.batch_size, bool)
