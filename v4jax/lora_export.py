@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from v4jax import quant
 from v4jax.checkpoint import checksum, load_flat, model_layout, read_published, weights
-from v4jax.checkpoint.converter import CHECKSUMS, INFO, LAYOUT, STATE, orbax_context
+from v4jax.checkpoint.converter import CHECKSUMS, INFO, LAYOUT, STATE, orbax_context, read_json
 from v4jax.checkpoint.layout import INDEX
 from v4jax.checkpoint.model_layout import leaves
 from v4jax.checkpoint.reader import COMPANION_FILES
@@ -48,10 +48,7 @@ def read_run(run: Path) -> dict | None:
     path = Path(run) / LORA_JSON
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    record = read_json(path)  # one reader of a folder's JSON (regular file, bounded, unique keys)
     if not isinstance(record, dict) or set(record) != set(RUN_KEYS):
         raise CheckpointError(f"{path}: expected the keys {', '.join(RUN_KEYS)}")
     return record

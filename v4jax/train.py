@@ -11,7 +11,6 @@ A training run folder (`v4jax train --out`) loads wherever a checkpoint does (`v
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -24,7 +23,7 @@ from orbax.checkpoint.experimental import v1 as ocp
 
 from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
-from v4jax.checkpoint.converter import orbax_context
+from v4jax.checkpoint.converter import orbax_context, read_json
 from v4jax.config import ModelConfig
 from v4jax.errors import CheckpointError
 from v4jax.indexer_loss import indexer_kl_loss
@@ -304,10 +303,7 @@ def training_run(folder: str | Path) -> dict | None:
     path = Path(folder) / RUN_INFO
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    info = read_json(path)  # one reader of a folder's JSON (regular file, bounded, unique keys)
     if not (isinstance(info, dict) and isinstance(info.get("base"), str)
             and info.get("dtype") in ("bfloat16", "float32")):
         raise CheckpointError(f"{path}: expected {{\"base\": checkpoint folder, "
