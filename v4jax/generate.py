@@ -138,6 +138,13 @@ class _Slot:
             on_token(self.index, token)
         self.done = len(self.out) >= self.budget
 
+    def check_until(self, before: int) -> None:
+        """After emits that grew `out` from `before` tokens: end the slot if its text now holds one
+        of the request's stop strings (a stop token already ended it otherwise)."""
+        if self.request.until is not None and self.reason != "stop" and len(self.out) > before \
+                and self.request.until(self.out):
+            self.reason, self.done = "stop", True
+
 
 class Generator:
     """Prefill and decode programs for one model, batch size and maximum length.
@@ -555,8 +562,7 @@ class Generator:
                 if token >= 0:
                     s.emit(int(token), on_token)
                     s.pending = int(token)
-                if s.request.until is not None and len(s.out) > before and s.request.until(s.out):
-                    s.reason, s.done = "stop", True
+                s.check_until(before)
                 made += len(s.out) - before
             s.draft = int(next_draft[b])
         if stats is not None and self.compiled_shapes() == compiled:
@@ -585,8 +591,7 @@ class Generator:
                 before = len(s.out)
                 s.fed += 1
                 s.emit(int(token), on_token)
-                if s.request.until is not None and len(s.out) > before and s.request.until(s.out):
-                    s.reason, s.done = "stop", True
+                s.check_until(before)
                 made += len(s.out) - before
                 s.pending = int(token)
         if stats is not None and self.compiled_shapes() == compiled:
@@ -655,8 +660,7 @@ class Generator:
                     s.accepted += 1
                     s.emit(int(s.draft), on_token)
             s.emit(int(token[b]), on_token)
-            if s.request.until is not None and s.reason != "stop" and len(s.out) > before and s.request.until(s.out):
-                s.reason, s.done = "stop", True
+            s.check_until(before)
             drawn += len(s.out) - before
             s.pending = int(token[b])
             if self.speculative:
