@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -35,9 +35,11 @@ _LOAD_BYTES = 256 * 2**20
 
 
 def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: ModelConfig | None = None,
-           progress: bool = True) -> Path:
-    """Write the published checkpoint folder `dst` from a converted folder or a flat dict
-    (which needs `cfg`). One process writes it: leaves are gathered on its host a batch at a time."""
+           companions: Sequence[Path] = (), progress: bool = True) -> Path:
+    """Write the published checkpoint folder `dst` from a converted folder (with its companion
+    files) or a flat dict (which needs `cfg`; `companions`: the checked files copied in beside
+    the weights, inside the same staging). One process writes it: leaves are gathered on its
+    host a batch at a time."""
     dst = Path(dst).absolute()
     check_absent(dst)
     if jax.process_count() > 1:
@@ -47,7 +49,7 @@ def export(src: str | Path | Mapping[str, jax.Array], dst: str | Path, *, cfg: M
     if isinstance(src, Mapping):
         if cfg is None:
             raise ValueError("export from a flat dict needs cfg")
-        layout, config_bytes, companions = FileLayout.published(cfg), config_text(cfg).encode(), []
+        layout, config_bytes, companions = FileLayout.published(cfg), config_text(cfg).encode(), list(companions)
         sizes = {name: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for name, v in src.items()}
         load: Callable[[list[str]], dict] = lambda names: {n: np.asarray(src[n]) for n in names}
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 
 from v4jax.cli.common import existing_dir, export_source, new_dir
 
@@ -29,7 +28,5 @@ def run(args: argparse.Namespace) -> None:
         converted_config(args.src)  # "not a converted v4jax checkpoint" before anything is written
         export(source, args.dst)  # with the folder's companion files
         return
-    companions = companion_files(args.src)  # the run's copies of its base's; each checked before the export
-    export(source, args.dst, cfg=cfg)
-    for path in companions:
-        shutil.copyfile(path, args.dst / path.name)
+    # the run's copies of its base's files, each checked before anything is written
+    export(source, args.dst, cfg=cfg, companions=companion_files(args.src))
