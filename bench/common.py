@@ -12,9 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 from safetensors.numpy import save_file
-from transformers import AutoModelForCausalLM
 
 from v4jax import quant
 from v4jax.checkpoint import read_published, write_random_checkpoint
@@ -83,6 +81,10 @@ def median_seconds(fns: dict, reps: int) -> dict:
 
 def load_both(cfg: ModelConfig, folder: Path):
     """(v4jax model, HF model in eval mode) holding the same random weights, both float32."""
+    # Imported here: the benches that do not run the peer (moe_audit, lora_bench) need no torch.
+    import torch
+    from transformers import AutoModelForCausalLM
+
     published = write_random_checkpoint(cfg, folder / "published")
     model = load_pretrained(published, dtype="float32", quant_sim=False)
     hf = AutoModelForCausalLM.from_pretrained(float_copy(published, folder / "float"), dtype=torch.float32)

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from common import median_seconds
 from v4jax import moe
 from v4jax.cache import init_cache, n_entries
 from v4jax.config import ModelConfig
@@ -171,18 +170,6 @@ def moe_layer(cfg: ModelConfig, tokens: int):
     return counted, cost(ragged, abstract, x, ids)["flops"], lambda: jax.block_until_ready(run(state, x, ids))
 
 
-def median_ms(calls: dict, reps: int) -> dict:
-    """Median wall time in ms of each call, the calls interleaved rep by rep: CPU timings on a shared
-    machine are noisy, and interleaving puts the E's side by side in the same load."""
-    times = {key: [] for key in calls}
-    for _ in range(reps):
-        for key, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - t0)
-    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefill", type=int, default=2048)
@@ -222,7 +209,7 @@ def main() -> None:
         print(f"{e:>4} {'MoE layer ' + str(args.moe_tokens):>18} {counted / 1e9:14.3f} {need / 1e9:9.3f} "
               f"{counted / need:6.2f}   ragged_dot: {counted_ragged / 1e9:.3f} GFLOP ({counted_ragged / need:.1f}x)",
               flush=True)
-    times = median_ms(calls, args.reps)
+    times = {e: 1e3 * s for e, s in median_seconds(calls, args.reps).items()}
     print(f"MoE layer at {args.moe_tokens} tokens, k={k}, median of {args.reps} interleaved runs: "
           + ", ".join(f"E={e} {ms:.0f} ms" for e, ms in times.items())
           + f"; E={experts[0]} -> E={experts[-1]}: {times[experts[-1]] / times[experts[0]]:.2f}x (goal <= 1.5x)")

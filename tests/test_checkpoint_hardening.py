@@ -25,7 +25,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from v4jax.checkpoint import CheckpointError, convert, export, load_flat, model_layout, write_random_checkpoint
-from v4jax.checkpoint import converter
 from v4jax.checkpoint.reader import read_published
 from v4jax.checkpoint.staging import OWNER
 

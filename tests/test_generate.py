@@ -268,6 +268,10 @@ def test_stop_tokens_come_from_generation_config_then_config_and_bad_files_are_n
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": ')
     with pytest.raises(CheckpointError, match=r"generation_config\.json: not a JSON file: "):
         stop_tokens_of(tmp_path)
+    # read as every checkpoint JSON file is: a key given twice is refused, not resolved silently
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 1, "eos_token_id": 2}')
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: not a JSON file: .*eos_token_id"):
+        stop_tokens_of(tmp_path)
 
 
 # ---------------------------------------------------------------------------- command line and demo

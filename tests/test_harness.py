@@ -91,7 +91,7 @@ def test_lm_eval_tasks_give_v4jax_scores_on_hflm_tokens(bos_ckpt, tmp_path):
     # tokens dropped so at most MAX_LENGTH inputs remain
     pairs = []
     for c, k in zip(CONTEXTS, CONTINUATIONS):
-        whole, ctx = [BOS, *ids(c), *ids(k)], [BOS, *ids(c)]
+        whole = [BOS, *ids(c), *ids(k)]
         seq = whole[-(MAX_LENGTH + 1):]
         pairs.append((seq[:len(seq) - len(ids(k))], ids(k)))
     want = evaluate.loglikelihood(model, pairs)

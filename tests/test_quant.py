@@ -7,9 +7,7 @@ then each simulated step on identical inputs: FP8 activation quant of the FP8 li
 the FP8 / FP4 cache rows.
 """
 
-import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.cache import clear_rows, init_cache
+from v4jax.config import load_json_file
 from v4jax.errors import CheckpointError, ConfigError, DataError
 from v4jax.placement import cache_shardings
 from v4jax.sampling import Sampling, sample, sequence_keys, token_keys
@@ -743,8 +744,8 @@ def stop_tokens_of(ckpt: str | Path) -> list[int]:
         path = Path(ckpt) / name
         if path.is_file():
             try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raw = load_json_file(path)
+            except (OSError, ValueError) as e:
                 raise CheckpointError(f"{path}: not a JSON file: {e}") from None
             eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
             if eos is not None:

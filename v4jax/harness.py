@@ -19,9 +19,7 @@ A v4jax window is the input plus the one token after it, hence `max_length + 1` 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -55,17 +53,15 @@ class V4jaxLM(LM):
         self.tokenizer = data.load_tokenizer(ckpt)
         if self.tokenizer is None:
             raise ConfigError(f"{ckpt}: lm-eval needs the checkpoint's tokenizer.json")
-        raw = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))  # ids ModelConfig drops
+        cfg = self.model.cfg
         eos = stop_tokens_of(ckpt)
         if not eos:
             raise ConfigError(f"{ckpt}: names no eos_token_id (generation_config.json or config.json)")
         self.eot_token_id = eos[0]
-        bos = raw.get("bos_token_id")
         self.prefix_token_id = prefix_token_id if prefix_token_id is not None else (
-            bos if bos is not None else self.eot_token_id)
+            cfg.bos_token_id if cfg.bos_token_id is not None else self.eot_token_id)
         self.bos_text = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
-        limit = raw.get("max_position_embeddings")
-        self.max_length = int(max_length or limit or DEFAULT_MAX_LENGTH)
+        self.max_length = int(max_length or cfg.max_position_embeddings or DEFAULT_MAX_LENGTH)
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.add_bos_token, self.seed, self.token_budget = add_bos_token, int(seed), int(token_budget)
