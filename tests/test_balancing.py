@@ -31,6 +31,7 @@ def test_bias_update_moves_each_expert_against_its_load_from_real_tokens_only():
     new = np.asarray(balancing.bias_update(jnp.asarray(bias), got, 1e-3))
     want = bias + 1e-3 * np.where(counts > counts.mean(), -1, np.where(counts < counts.mean(), 1, 0))
     np.testing.assert_allclose(new, want, rtol=0, atol=1e-7)
+    assert float(balancing.load_ratio(got)) == pytest.approx(counts.max() / counts.mean())
 
 
 def test_sequence_balance_loss_is_the_v3_formula_averaged_over_sequences():

@@ -29,6 +29,11 @@ def bias_update(bias, counts, rate: float = BIAS_UPDATE_RATE):
     return bias + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
 
 
+def load_ratio(counts) -> jax.Array:
+    """max / mean expert load over the last axis (1 = perfectly balanced)."""
+    return jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
+
+
 def sequence_balance_loss(scores, ids, sequence) -> jax.Array:
     """V3's sequence-wise balance loss sum_i f_i P_i, averaged over the sequences with real tokens.
 

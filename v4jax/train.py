@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.experimental import v1 as ocp
 
-from v4jax.balancing import bias_update
+from v4jax.balancing import bias_update, load_ratio
 from v4jax.checkpoint import checksum
 from v4jax.checkpoint.converter import orbax_context, read_json
 from v4jax.config import ModelConfig
@@ -107,7 +107,7 @@ def expert_loads(routing) -> dict[str, jax.Array]:
     and "max_expert_load", the largest over the layers."""
     counts = layer_counts(routing)
     mean = jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
-    ratio = jnp.max(counts, axis=-1) / mean
+    ratio = load_ratio(counts)
     return {"expert_load_max": ratio, "expert_load_min": jnp.min(counts, axis=-1) / mean,
             "max_expert_load": jnp.max(ratio)}
 
