@@ -16,9 +16,15 @@ shared one, head), attention over the window plus the selected (CSA) or all visi
 counts 3x the forward. Decode bytes: the weights the step needs (all but the routed
 experts, plus k of them per layer, and one embedding row) plus the cache it reads.
 
-Then one MoE layer alone at --moe-tokens tokens: counted FLOPs for the chosen routed
-matmul and for `ragged_dot` (as XLA:CPU lowers it), and its wall time (median of --reps
-runs, the E's interleaved), which should stay within 1.5x from E = 8 to E = 256.
+The programs are counted with the "tiled" routed matmul: its tile count is static, so XLA's
+count is what runs. The "looped" one (XLA:CPU's default) runs a data-dependent loop whose body
+XLA counts once; for it the audit prints the rows its chunks multiply for the layer's real
+routing, over the assignments.
+
+Then one MoE layer alone at --moe-tokens tokens: counted FLOPs for the tiled matmul and for
+`ragged_dot` (as XLA:CPU lowers it), the looped path's executed rows, and the wall time of
+both (median of --reps runs, the E's and paths interleaved), which should stay within 1.5x
+from E = 8 to E = 256.
 
     python bench/moe_audit.py [--prefill 2048] [--context 2048] [--train 1024] [--moe-tokens 4096]
                               [--experts 8,64,256] [--reps 7]
@@ -27,11 +33,13 @@ runs, the E's interleaved), which should stay within 1.5x from E = 8 to E = 256.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from common import median_seconds
@@ -49,10 +57,18 @@ NARROW = dict(hidden_size=256, num_attention_heads=4, head_dim=128, qk_rope_head
               num_nextn_predict_layers=0, num_hidden_layers=2, compress_ratios=[4, 128], sliding_window=128)
 
 
-def narrow_config(n_experts: int) -> ModelConfig:
+def narrow_config(n_experts: int, moe_impl: str | None = "tiled") -> ModelConfig:
     raw = json.loads((ROOT / "configs/tiny.json").read_text())
     raw.update(NARROW, n_routed_experts=n_experts)
-    return ModelConfig.from_dict(raw, dtype="float32", quant_sim=False)
+    return ModelConfig.from_dict(raw, dtype="float32", quant_sim=False, moe_impl=moe_impl)
+
+
+def looped_rows(sizes) -> int:
+    """Rows the looped path multiplies for experts of `sizes` rows: full chunks, then the narrowest
+    chunk covering the rest (moe._each_chunk)."""
+    full = moe.CHUNK_ROWS[0]
+    return sum(n // full * full + min((w for w in moe.CHUNK_ROWS if w >= n % full), default=0) * (n % full > 0)
+               for n in sizes)
 
 
 # ---------------------------------------------------------------------------- analytic minimum
@@ -153,21 +169,29 @@ def train_cost(cfg, graphdef, state, tokens: int) -> dict:
 
 def moe_layer(cfg: ModelConfig, tokens: int):
     """One MoE layer (routing, routed + shared experts) on [1, tokens, dim]: counted FLOPs with the
-    chosen routed matmul and with ragged_dot, and a call running the chosen one."""
+    tiled matmul and with ragged_dot, the looped path's rows over the assignments, and a call per path."""
     x = jax.random.normal(jax.random.key(1), (1, tokens, cfg.hidden_size), jnp.float32)
     ids = jnp.zeros((1, tokens), jnp.int32)
 
-    def layer(cfg_run, make):
+    def layer(impl, make):
+        cfg_run = cfg.replace(moe_impl=impl)
         graphdef, state = nnx.split(make(lambda: moe.MoE(cfg_run, cfg_run.layer_kind(1), nnx.Rngs(0))))
         return (lambda s, x, i: nnx.merge(graphdef, s)(x, i)), state
 
-    ragged, abstract = layer(cfg.replace(moe_impl="ragged"), nnx.eval_shape)
-    fast, state = layer(cfg, lambda f: f())
-    # Counted with the tiled path's tile loop unrolled (a fresh function: jit caches traces by function).
-    counted = cost(lambda *a: fast(*a), state, x, ids)["flops"]
-    run = jax.jit(fast).lower(state, x, ids).compile()
-    jax.block_until_ready(run(state, x, ids))
-    return counted, cost(ragged, abstract, x, ids)["flops"], lambda: jax.block_until_ready(run(state, x, ids))
+    ragged, abstract = layer("ragged", nnx.eval_shape)
+    tiled, state = layer("tiled", lambda f: f())
+    looped, _ = layer("looped", lambda f: f())
+    # Counted with the tile loop unrolled (a fresh function: jit caches traces by function).
+    counted = cost(lambda *a: tiled(*a), state, x, ids)["flops"]
+    same = moe.MoE(cfg, cfg.layer_kind(1), nnx.Rngs(0))  # the layer's weights, for its routing
+    routed, _ = same.route(moe.gate_scores(x, same.gate.weight[...]), ids)
+    sizes = np.bincount(np.asarray(routed).reshape(-1), minlength=cfg.n_routed_experts)
+    calls = {}
+    for name, fn in (("tiled", tiled), ("looped", looped)):
+        run = jax.jit(fn).lower(state, x, ids).compile()
+        jax.block_until_ready(run(state, x, ids))
+        calls[name] = functools.partial(lambda run: jax.block_until_ready(run(state, x, ids)), run)
+    return counted, cost(ragged, abstract, x, ids)["flops"], looped_rows(sizes) / routed.size, calls
 
 
 def main() -> None:
@@ -180,7 +204,7 @@ def main() -> None:
     parser.add_argument("--experts", default=",".join(map(str, EXPERTS)))
     args = parser.parse_args()
     print(f"backend {jax.default_backend()}; routed matmul for large batches: "
-          f"{moe.MOE_IMPL.get(jax.default_backend(), 'tiled')}, decode: gather; "
+          f"{moe.MOE_IMPL.get(jax.default_backend(), 'tiled')} (programs counted with: tiled), decode: gather; "
           f"narrow 2-layer model (CSA + HCA), k = {NARROW['num_experts_per_tok']}, float32")
     print(f"{'E':>4} {'program':>18} {'counted GFLOP':>14} {'analytic':>9} {'ratio':>6} "
           f"{'counted MB':>11} {'analytic MB':>12} {'ratio':>6}")
@@ -190,10 +214,11 @@ def main() -> None:
         cfg = narrow_config(e)
         abstract = abstract_model(cfg)
         graphdef, state = nnx.split(abstract)
+        decode_graphdef, _ = nnx.split(abstract_model(narrow_config(e, None)))  # the backend's choice: gather
         rows = [
             (f"prefill {args.prefill}", prefill_cost(cfg, graphdef, state, args.prefill),
              analytic_flops(cfg, 0, args.prefill), None),
-            (f"decode @{args.context}", decode_cost(cfg, graphdef, state, args.context),
+            (f"decode @{args.context}", decode_cost(cfg, decode_graphdef, state, args.context),
              analytic_flops(cfg, args.context, 1), decode_bytes(cfg, abstract, args.context)),
             (f"train {args.train}", train_cost(cfg, graphdef, state, args.train),
              3 * analytic_flops(cfg, 0, args.train), None),
@@ -203,16 +228,20 @@ def main() -> None:
             if nbytes:
                 line += f" {c['bytes accessed'] / 1e6:11.2f} {nbytes / 1e6:12.2f} {c['bytes accessed'] / nbytes:6.2f}"
             print(line, flush=True)
-        counted, counted_ragged, calls[e] = moe_layer(cfg, args.moe_tokens)
+        counted, counted_ragged, rows, layer_calls = moe_layer(cfg, args.moe_tokens)
+        calls.update({(e, name): fn for name, fn in layer_calls.items()})
         d, f, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
         need = 2.0 * args.moe_tokens * (d * e + (k + 1) * 3 * d * f)
         print(f"{e:>4} {'MoE layer ' + str(args.moe_tokens):>18} {counted / 1e9:14.3f} {need / 1e9:9.3f} "
-              f"{counted / need:6.2f}   ragged_dot: {counted_ragged / 1e9:.3f} GFLOP ({counted_ragged / need:.1f}x)",
-              flush=True)
-    times = {e: 1e3 * s for e, s in median_seconds(calls, args.reps).items()}
-    print(f"MoE layer at {args.moe_tokens} tokens, k={k}, median of {args.reps} interleaved runs: "
-          + ", ".join(f"E={e} {ms:.0f} ms" for e, ms in times.items())
-          + f"; E={experts[0]} -> E={experts[-1]}: {times[experts[-1]] / times[experts[0]]:.2f}x (goal <= 1.5x)")
+              f"{counted / need:6.2f}   ragged_dot: {counted_ragged / 1e9:.3f} GFLOP ({counted_ragged / need:.1f}x); "
+              f"looped: {rows:.2f}x the routed rows", flush=True)
+    times = {key: 1e3 * s for key, s in median_seconds(calls, args.reps).items()}
+    for name in ("tiled", "looped"):
+        first, last = times[(experts[0], name)], times[(experts[-1], name)]
+        print(f"MoE layer ({name}) at {args.moe_tokens} tokens, k={k}, median of {args.reps} interleaved runs: "
+              + ", ".join(f"E={e} {times[(e, name)]:.0f} ms" for e in experts)
+              + f"; E={experts[0]} -> E={experts[-1]}: {last / first:.2f}x (goal <= 1.5x)")
+
 
 if __name__ == "__main__":
     main()

@@ -81,8 +81,15 @@ def reduced_depth(cfg: ModelConfig, reps: int = 2) -> ModelConfig:
                        num_hash_layers=sum(k.hash_routed for k in kinds))
 
 
+def planned(cfg: ModelConfig) -> ModelConfig:
+    """The config as an accelerator runs it: routed experts "tiled" (a GPU's choice) unless set. XLA:CPU
+    compiles the plan, and neither its own choice (a data-dependent loop) nor TPU's ragged_dot
+    (lowered densely over all experts here) would stand for an accelerator's temporaries."""
+    return cfg.replace(moe_impl=cfg.moe_impl or "tiled")
+
+
 def abstract_model(cfg: ModelConfig) -> nnx.Module:
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(planned(cfg), rngs=nnx.Rngs(0)))
 
 
 def at_rest(abstract: nnx.Module, mesh: Mesh, rules, batch: int, context: int) -> tuple[int, int]:
@@ -264,7 +271,7 @@ class LoRAPlan:
 def lora_abstract(cfg: ModelConfig, rank: int) -> nnx.Module:
     """The abstract model with LoRA adapters of `rank` on the default targets."""
     def build():
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        model = Transformer(planned(cfg), rngs=nnx.Rngs(0))
         apply_lora(model, LoRAConfig(rank), jax.random.key(0))
         return model
 

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from v4jax import quant
 from v4jax.balancing import expert_counts, sequence_balance_loss
@@ -51,12 +52,13 @@ def clamped_swiglu(g, v, limit: float):
 
 # ---------------------------------------------------------------------------- routed-expert matmuls
 # How the routed experts are multiplied, per backend, for batches with enough (token, expert)
-# assignments to fill tiles: "ragged" where `ragged_dot` runs as a grouped GEMM (TPU: Megablox),
-# "tiled" where it is lowered densely over all experts (XLA:CPU; GPU by default). Smaller
-# batches (decode) take "gather". `ModelConfig.moe_impl` overrides the choice; all three give
-# the same result.
-MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "tiled"}
-MOE_IMPLS = ("ragged", "tiled", "gather")
+# assignments to fill tiles: "ragged" where `ragged_dot` runs as a grouped GEMM (TPU: Megablox);
+# elsewhere it is lowered densely over all experts. "looped" (XLA:CPU) walks the experts that have
+# rows, each decoding its matrices once; "tiled" (GPU, where a data-dependent loop would wait on the
+# host every iteration) runs a static number of tiles. Smaller batches (decode) take "gather".
+# `ModelConfig.moe_impl` overrides the choice; all four give the same result.
+MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "looped"}
+MOE_IMPLS = ("ragged", "tiled", "looped", "gather")
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
 MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
 
@@ -134,10 +136,9 @@ def ragged_matmul_t(x, w, group_sizes):
     return jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, dims, preferred_element_type=jnp.float32)
 
 
-def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
-    """The expert FFN on rows already laid out for the matmuls mm1, mm3, mm2: [..., in] -> [..., out] f32.
+def _ffn_in(xs, mm1, mm3, *, dtype, act_quant: bool):
+    """The expert FFN's input projections on rows laid out for mm1, mm3: [..., dim] -> g, v [..., F] in `dtype`.
 
-    xs: [..., dim] one row per assignment (zero rows for padding); rw: [...] routing weights.
     FP8 activation quantisation works per row over the input dim, so padding rows and
     the layout never change a real row's blocks.
     """
@@ -145,12 +146,24 @@ def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
         xs = quant.fake_quant_fp8(xs, quant.FP8_BLOCK)
     # The reference's expert GEMMs return the activation dtype; the SwiGLU then runs in float32.
     # Explicit roundings: XLA may otherwise fuse a bf16 round trip away (see quant.round_to).
-    h = clamped_swiglu(quant.round_to(mm1(xs), dtype), quant.round_to(mm3(xs), dtype), limit)
+    g, v = quant.round_to(mm1(xs), dtype), quant.round_to(mm3(xs), dtype)
+    return checkpoint_name(g, "expert_hidden"), checkpoint_name(v, "expert_hidden")
+
+
+def _ffn_out(g, v, rw, mm2, *, dtype, limit: float, act_quant: bool):
+    """The rest of the expert FFN: g, v [..., F] and routing weights rw [...] -> [..., out] float32."""
     # The routing weight scales h before the down projection, as in the reference.
-    h = quant.round_to(h * rw[..., None], dtype)
+    h = quant.round_to(clamped_swiglu(g, v, limit) * rw[..., None], dtype)
     if act_quant:
         h = quant.fake_quant_fp8(h, quant.FP8_BLOCK)
-    return quant.round_to(mm2(h), dtype).astype(jnp.float32)
+    return quant.round_to(mm2(checkpoint_name(h, "expert_hidden")), dtype).astype(jnp.float32)
+
+
+def _ffn(xs, rw, mm1, mm3, mm2, *, dtype, limit: float, act_quant: bool):
+    """The expert FFN on rows xs [..., dim] (zero rows for padding) with routing weights rw [...],
+    laid out for the matmuls mm1, mm3, mm2 -> [..., out] float32."""
+    g, v = _ffn_in(xs, mm1, mm3, dtype=dtype, act_quant=act_quant)
+    return _ffn_out(g, v, rw, mm2, dtype=dtype, limit=limit, act_quant=act_quant)
 
 
 def sum_slots(y):
@@ -161,17 +174,24 @@ def sum_slots(y):
     return sum(y[:, j] for j in range(y.shape[1]))
 
 
+def sort_by_expert(ids, n_experts: int):
+    """ids: [N, k] -> (expert, order, sizes): each assignment's expert [N*k] (ids outside
+    0..E-1 become E), the permutation sorting assignments by expert (stable; foreign ones
+    last) and the assignments per expert [E]."""
+    flat = ids.reshape(-1)
+    expert = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    order = jnp.argsort(expert, stable=True)
+    return expert, order, jnp.bincount(expert, length=n_experts + 1)[:n_experts]
+
+
 def _ragged_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     """Rows sorted by expert, one `ragged_dot` per projection over all experts."""
     n, k = ids.shape
-    flat = ids.reshape(-1)
-    local = (flat >= 0) & (flat < n_experts)
-    order = jnp.argsort(jnp.where(local, flat, n_experts))  # foreign experts sort last
-    group_sizes = jnp.bincount(jnp.where(local, flat, n_experts), length=n_experts + 1)[:n_experts]
+    expert, order, group_sizes = sort_by_expert(ids, n_experts)
     mm1, mm3, mm2 = (functools.partial(ragged_matmul_t, w=expert_stack(w, x.dtype), group_sizes=group_sizes)
                      for w in (w1, w3, w2))
     y = _ffn(x[order // k], weights.reshape(-1)[order], mm1, mm3, mm2, dtype=x.dtype, **ffn)
-    y = jnp.where(local[order][:, None], y, 0.0)
+    y = jnp.where((expert[order] < n_experts)[:, None], y, 0.0)
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[order // k].add(y)
 
 
@@ -187,10 +207,7 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     t = tile_rows(nk, n_experts)
     n_tiles = (nk + min(n_experts, nk) * (t - 1)) // t
     rows = n_tiles * t
-    flat = ids.reshape(-1)
-    expert = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # foreign: E, sorted last
-    order = jnp.argsort(expert, stable=True)
-    sizes = jnp.bincount(expert, length=n_experts + 1)[:n_experts]
+    expert, order, sizes = sort_by_expert(ids, n_experts)  # foreign assignments: expert E, sorted last
     padded = -(-sizes // t) * t
     ends = jnp.cumsum(padded)
     sorted_e = expert[order]
@@ -214,6 +231,10 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
 
         return _ffn(xs_t, rw_t, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
 
+    # The backward pass keeps each tile's hidden activations (see _ffn_in) and takes its expert
+    # matrices from the stack again: kept, they would be [tiles, out, in] per projection.
+    tile = jax.checkpoint(tile, policy=jax.checkpoint_policies.save_only_these_names("expert_hidden"))
+
     # Tiles run one after another (lax.map), each gathering its expert's matrices just before its
     # matmuls, so they are still in cache; a batch of tiles with a batch of gathered matrices was
     # slower on XLA:CPU (the audit's MoE layer: 10-tile chunks ~10-25% slower at E = 8 .. 256,
@@ -222,6 +243,163 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     y = y.reshape(rows, -1)
     back = jnp.take(y, slot, axis=0, mode="fill", fill_value=0.0)  # [n*k, dim]; foreign rows 0
     return sum_slots(back.reshape(n, k, -1))
+
+
+# The looped path's chunk widths, widest first (see _each_chunk). On XLA:CPU a 256-row chunk runs
+# ~1.6x faster per row than a 128-row one (the matmul is split over the cores), and one chunk
+# padded up to a width is faster than the two narrower chunks that would fit exactly.
+CHUNK_ROWS = (256, 128, 64, 32, 16, 8)
+
+
+def _each_expert(sizes, expert_fn, carry):
+    """carry = expert_fn(e, start, end, carry) for each expert with rows, in id order; its rows
+    of the expert-sorted layout are [start, end)."""
+    ends = jnp.cumsum(sizes)
+    busy = jnp.nonzero(sizes, size=sizes.shape[0], fill_value=0)[0]
+
+    def one(i, carry):
+        e = busy[i]
+        return expert_fn(e, ends[e] - sizes[e], ends[e], carry)
+
+    return jax.lax.fori_loop(0, jnp.count_nonzero(sizes), one, carry)
+
+
+def _each_chunk(start, end, compute, apply, carry):
+    """Rows [start, end) in chunks: full CHUNK_ROWS[0]-row ones, then what is left in one chunk of
+    the narrowest width that covers it (per-call costs on small chunks outweigh a few padding rows).
+
+    compute(off, width, rows_left) -> (rows, rest) with `rows` arrays [width, ...];
+    apply(carry, off, rows, rest) -> carry. The last chunk's rows past `end`, and its `rows`
+    padded to CHUNK_ROWS[0] (the branches must agree), land on rows of the sorted layout that
+    a later expert writes again, or past the assignments.
+    """
+    full = CHUNK_ROWS[0]
+    n_full = (end - start) // full
+
+    def one(i, carry):
+        off = start + i * full
+        return apply(carry, off, *compute(off, full, full))
+
+    carry = jax.lax.fori_loop(0, n_full, one, carry)
+    off = start + n_full * full
+    left = end - off
+
+    def branch(width):
+        def run():
+            rows, rest = compute(off, width, left)
+            pad = lambda a: jnp.pad(a, [(0, full - width)] + [(0, 0)] * (a.ndim - 1))
+            return jax.tree.map(pad, rows), rest
+        return run
+
+    def nothing():  # no rows left: zeros of the branches' shapes
+        return jax.tree.map(jnp.zeros_like, jax.eval_shape(branch(CHUNK_ROWS[-1])))
+
+    which = sum((left <= w).astype(jnp.int32) for w in CHUNK_ROWS[1:]) + (left == 0)
+    return apply(carry, off, *jax.lax.switch(which, [*map(branch, CHUNK_ROWS), nothing]))
+
+
+def _row_matmul(w):
+    """w: [out, in] -> (a: [rows, in] -> [rows, out] float32)."""
+    return lambda a: jnp.einsum("ri,oi->ro", a, w, preferred_element_type=jnp.float32)
+
+
+def _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs: bool):
+    """The FFN of every sorted row: ys [R, dim] float32 (rows past the assignments 0) and, with
+    keep_inputs, the rows' g, v [R, F] (what the backward pass reads)."""
+    dtype, limit, act_quant = ffn
+    total = jnp.sum(sizes)
+
+    def expert(e, start, end, bufs):
+        w1, w2, w3 = (take_experts(w, e, dtype) for w in ws)  # this expert's only, decoded once
+
+        def compute(off, width, rows_left):
+            xc, rc = (jax.lax.dynamic_slice_in_dim(a, off, width) for a in (xs, rw))
+            g, v = _ffn_in(xc, _row_matmul(w1), _row_matmul(w3), dtype=dtype, act_quant=act_quant)
+            y = _ffn_out(g, v, rc, _row_matmul(w2), dtype=dtype, limit=limit, act_quant=act_quant)
+            return ((y, g, v) if keep_inputs else (y,)), ()
+
+        def apply(bufs, off, rows, _):
+            return tuple(jax.lax.dynamic_update_slice_in_dim(b, r, off, 0) for b, r in zip(bufs, rows))
+
+        return _each_chunk(start, end, compute, apply, bufs)
+
+    f = ws[0][0].shape[1] if isinstance(ws[0], tuple) else ws[0].shape[1]
+    bufs = (jnp.zeros((xs.shape[0], xs.shape[1]), jnp.float32),)
+    if keep_inputs:
+        bufs += (jnp.zeros((xs.shape[0], f), dtype),) * 2
+    bufs = _each_expert(sizes, expert, bufs)
+    ys = jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], bufs[0], 0.0)
+    return ys, bufs[1:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _looped_ffn(ffn, xs, rw, ws, sizes):
+    """xs: [R, dim] rows sorted by expert (R = assignments + CHUNK_ROWS[0] zero rows), rw: [R]
+    routing weights, ws: (w1, w2, w3) stacks, sizes: [E] rows per expert -> [R, dim] float32."""
+    return _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs=False)[0]
+
+
+def _looped_ffn_fwd(ffn, xs, rw, ws, sizes):
+    ys, (g, v) = _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs=True)
+    return ys, (xs, rw, ws, sizes, g, v)
+
+
+def _looped_ffn_bwd(ffn, res, dys):
+    """The same loop backwards: each chunk's input and weight gradients from its kept g, v
+    (XLA drops the forward matmuls that jax.vjp traces and nothing reads); weight gradients
+    summed per expert in float32. Kept-quantised weights (a frozen base) get none."""
+    dtype, limit, act_quant = ffn
+    xs, rw, ws, sizes, g_all, v_all = res
+    trained = tuple(not isinstance(w, tuple) for w in ws)
+
+    def expert(e, start, end, carry):
+        dxs, drw, dws = carry
+        w1, w2, w3 = (take_experts(w, e, dtype) for w in ws)
+
+        def compute(off, width, rows_left):
+            xc, rc, gc, vc, dyc = (jax.lax.dynamic_slice_in_dim(a, off, width) for a in (xs, rw, g_all, v_all, dys))
+            dyc = jnp.where((jnp.arange(width) < rows_left)[:, None], dyc, 0.0)  # rows of later experts
+            _, out_vjp = jax.vjp(lambda g, v, r, w: _ffn_out(g, v, r, _row_matmul(w), dtype=dtype, limit=limit,
+                                                             act_quant=act_quant), gc, vc, rc, w2)
+            dg, dv, drc, dw2 = out_vjp(dyc)
+            _, in_vjp = jax.vjp(lambda x, wa, wb: _ffn_in(x, _row_matmul(wa), _row_matmul(wb), dtype=dtype,
+                                                          act_quant=act_quant), xc, w1, w3)
+            dxc, dw1, dw3 = in_vjp((dg, dv))
+            return (dxc, drc), tuple(d.astype(jnp.float32) for d in (dw1, dw2, dw3))
+
+        def apply(carry, off, rows, dwc):
+            dxs, drw, dwe = carry
+            dxs, drw = (jax.lax.dynamic_update_slice_in_dim(b, r, off, 0) for b, r in zip((dxs, drw), rows))
+            return dxs, drw, tuple(a + b for a, b in zip(dwe, dwc))
+
+        zero = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w2, w3))
+        dxs, drw, dwe = _each_chunk(start, end, compute, apply, (dxs, drw, zero))
+        dws = tuple(jax.lax.dynamic_update_index_in_dim(dw, d, e, 0) if t else dw
+                    for dw, d, t in zip(dws, dwe, trained))
+        return dxs, drw, dws
+
+    dws = tuple(jnp.zeros(w.shape, jnp.float32) if t else None for w, t in zip(ws, trained))
+    dxs, drw, dws = _each_expert(sizes, expert, (jnp.zeros_like(xs), jnp.zeros_like(rw), dws))
+    dws = tuple(dw.astype(w.dtype) if t else None for dw, w, t in zip(dws, ws, trained))
+    return dxs, drw, dws, None
+
+
+_looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
+
+
+def _looped_experts(x, ids, weights, w1, w2, w3, n_experts: int, *, limit: float, act_quant: bool):
+    """Assignments sorted by expert; a loop over the experts with rows, each decoding its own
+    matrices once and multiplying its rows in chunks (_each_chunk): per expert fewer padding rows
+    than half its last chunk's width (or 8), weight bytes those of the experts used, and no dense
+    matmul over all experts in either direction."""
+    n, k = ids.shape
+    expert, order, sizes = sort_by_expert(ids, n_experts)
+    pad = CHUNK_ROWS[0]  # chunks starting at the last rows stay inside the buffers
+    xs = jnp.pad(x[order // k], ((0, pad), (0, 0)))
+    rw = jnp.pad(weights.reshape(-1)[order], (0, pad))
+    ys = _looped_ffn((x.dtype, limit, act_quant), xs, rw, (w1, w2, w3), sizes)
+    slot = jnp.zeros(n * k, jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+    return sum_slots(ys[slot].reshape(n, k, -1))  # foreign assignments sort past the rows used: 0
 
 
 def _gathered_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
@@ -238,7 +416,8 @@ def _gathered_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     return sum_slots(jnp.where(local[..., None], y, 0.0))
 
 
-_IMPLS = {"ragged": _ragged_experts, "tiled": _tiled_experts, "gather": _gathered_experts}
+_IMPLS = {"ragged": _ragged_experts, "tiled": _tiled_experts, "looped": _looped_experts,
+          "gather": _gathered_experts}
 
 
 def grouped_experts(x, ids, weights, w1, w2, w3, *, limit: float, act_quant: bool, n_experts: int,
@@ -250,7 +429,7 @@ def grouped_experts(x, ids, weights, w1, w2, w3, *, limit: float, act_quant: boo
     contribute nothing). Returns [N, dim] float32, the weighted sum over each token's experts.
     """
     fn = _IMPLS[choose_impl(impl, ids.size, n_experts)]
-    return fn(x, jnp.asarray(ids), weights.astype(jnp.float32), w1, w2, w3, n_experts, limit=limit,
+    return fn(x, jnp.asarray(ids), jnp.asarray(weights, jnp.float32), w1, w2, w3, n_experts, limit=limit,
               act_quant=act_quant)
 
 
