@@ -40,6 +40,29 @@ def test_eval_on_a_mesh_gives_the_single_device_perplexity(word_ckpt, text_data,
     assert np.isclose(-sum(r["loglikelihood"] for r in rows) / got["tokens"], np.log(got["perplexity"]))
 
 
+def test_eval_with_each_moe_impl_gives_the_same_scores(word_ckpt, text_data, tmp_path, monkeypatch, capsys):
+    """--moe-impl reaches the model, and each choice gives the same document log-likelihoods."""
+    from v4jax.cli import eval as cli_eval
+
+    impls, load = [], cli_eval.load_model
+
+    def spy(*args, **kwargs):
+        model, context = load(*args, **kwargs)
+        impls.append(model.cfg.moe_impl)
+        return model, context
+
+    monkeypatch.setattr(cli_eval, "load_model", spy)
+    got = {}
+    for impl in ("tiled", "looped"):
+        out = tmp_path / f"{impl}.jsonl"
+        cli.main(["eval", "--ckpt", str(word_ckpt), "--data", str(text_data), "--max-len", "32", "--dtype", "float32",
+                  "--no-quant-sim", "--moe-impl", impl, "--out", str(out)])
+        capsys.readouterr()
+        got[impl] = [json.loads(line)["loglikelihood"] for line in out.read_text().splitlines()]
+    assert impls == ["tiled", "looped"]
+    np.testing.assert_allclose(got["tiled"], got["looped"], rtol=1e-5)
+
+
 PAIRS = [{"context": f"w{i} w{i + 1} w{i + 2}" * (1 + i % 3), "continuation": f" w{(5 * i) % 500}"} for i in range(7)]
 
 

@@ -89,6 +89,8 @@ BAD_ARGUMENTS = [
                                                       f"got '{2**63}'"),
     (["eval", "--data", "{tmp}/missing.jsonl"], "argument --data: {tmp}/missing.jsonl: no such file"),
     (["eval", "--data", "{tmp}"], "argument --data: {tmp}: is a folder, not a file"),
+    (["eval", "--data", "{data}", "--moe-impl", "dense"],
+     "argument --moe-impl: invalid choice: 'dense' (choose from 'ragged', 'tiled', 'looped', 'gather')"),
 ]
 
 

@@ -20,6 +20,9 @@ from typing import Any
 
 from v4jax.errors import ConfigError
 
+# How the routed experts may be multiplied (v4jax.moe: what each does, and the choice per backend).
+MOE_IMPLS = ("ragged", "tiled", "looped", "gather")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -159,7 +162,7 @@ class ModelConfig:
     quant_sim: bool = True  # FP8 act quant, FP8 KV and FP4 indexer fake-quant (spec §2.13)
     quantized: bool = False  # keep FP8/FP4 codes + scales as parameters
     remat: bool = False  # rematerialise each scanned block in the backward pass
-    moe_impl: str | None = None  # routed-expert matmul: None = per backend (moe.MOE_IMPL), or one of moe.MOE_IMPLS
+    moe_impl: str | None = None  # routed-expert matmul: None = per backend (moe.MOE_IMPL), or one of MOE_IMPLS
 
     _REQUIRED = (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",

@@ -38,18 +38,18 @@ DEFAULT_MAX_GEN_TOKS = 256  # HFLM's
 
 @register_model("v4jax")
 class V4jaxLM(LM):
-    """`lm-eval run --model v4jax --model_args ckpt=DIR[,dtype=float32,quant_sim=False,mesh=data=8]`.
+    """`lm-eval run --model v4jax --model_args ckpt=DIR[,dtype=float32,quant_sim=False,moe_impl=tiled,mesh=data=8]`.
 
     Scoring batches are planned by length (`evaluate.plan_batches`), whatever lm-eval's
     `batch_size`; generation runs `batch_size` prompts at a time ("auto": 8)."""
 
-    def __init__(self, ckpt: str, dtype: str | None = None, quant_sim: bool = True, mesh: str | None = None,
-                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, batch_size=1,
-                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0,
+    def __init__(self, ckpt: str, dtype: str | None = None, quant_sim: bool = True, moe_impl: str | None = None,
+                 mesh: str | None = None, max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 batch_size=1, add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0,
                  token_budget: int = evaluate.TOKEN_BUDGET, **_unused):  # lm-eval also passes device etc.
         super().__init__()
         self.mesh = make_mesh(mesh) if mesh else None
-        self.model = load_checkpoint(ckpt, mesh=self.mesh, dtype=dtype, quant_sim=quant_sim)
+        self.model = load_checkpoint(ckpt, mesh=self.mesh, dtype=dtype, quant_sim=quant_sim, moe_impl=moe_impl)
         self.tokenizer = data.load_tokenizer(ckpt)
         if self.tokenizer is None:
             raise ConfigError(f"{ckpt}: lm-eval needs the checkpoint's tokenizer.json")

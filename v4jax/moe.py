@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from v4jax import quant
 from v4jax.balancing import expert_counts, sequence_balance_loss
-from v4jax.config import LayerKind, ModelConfig
+from v4jax.config import MOE_IMPLS, LayerKind, ModelConfig
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear, random_fp8, unit_scale
 from v4jax.params import Constant, Quantized, RouterBias, normal, param
@@ -58,7 +58,6 @@ def clamped_swiglu(g, v, limit: float):
 # host every iteration) runs a static number of tiles. Smaller batches (decode) take "gather".
 # `ModelConfig.moe_impl` overrides the choice; all four give the same result.
 MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "looped"}
-MOE_IMPLS = ("ragged", "tiled", "looped", "gather")
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
 MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
 

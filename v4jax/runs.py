@@ -19,14 +19,16 @@ from v4jax.train import Checkpoints, training_run
 
 
 def load_checkpoint(ckpt: str | Path, mesh=None, rules: str = "inference", *, dtype: str | None = None,
-                    quant_sim: bool = True, remat: bool = False) -> Transformer:
+                    quant_sim: bool = True, remat: bool = False, moe_impl: str | None = None) -> Transformer:
     """The model of a published, converted or training run folder `ckpt`, placed by `rules` on `mesh`."""
     run = training_run(ckpt)
     if run is None:
-        return load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
+        return load_pretrained(ckpt, mesh=mesh, rules=rules, dtype=dtype, quant_sim=quant_sim, remat=remat,
+                               moe_impl=moe_impl)
     if dtype not in (None, run["dtype"]):
         raise ConfigError(f"{ckpt}: a training run in {run['dtype']}, not dtype {dtype}")
-    model = load_pretrained(run["base"], mesh=mesh, rules=rules, dtype=run["dtype"], quant_sim=quant_sim, remat=remat)
+    model = load_pretrained(run["base"], mesh=mesh, rules=rules, dtype=run["dtype"], quant_sim=quant_sim, remat=remat,
+                            moe_impl=moe_impl)
     with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
         if read_run(Path(ckpt)) is not None:
             restore_adapters(model, Path(ckpt), mesh, rules)

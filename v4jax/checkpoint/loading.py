@@ -51,21 +51,23 @@ def checkpoint_shardings(model: nnx.Module, mesh: Mesh, rules="inference"):
 
 
 def load_pretrained(path: str | Path, mesh: Mesh | None = None, rules="inference", *, dtype: str | None = None,
-                    quantized: bool | None = None, quant_sim: bool = True, remat: bool = False) -> Transformer:
+                    quantized: bool | None = None, quant_sim: bool = True, remat: bool = False,
+                    moe_impl: str | None = None) -> Transformer:
     """Build a Transformer holding the weights at `path`, placed on `mesh` by `rules` (None: one device).
 
     `dtype` and `quantized` (keep FP8/FP4 codes) default to bfloat16 / dequantised for a
-    published folder and to what a converted folder was converted with.
+    published folder and to what a converted folder was converted with; `moe_impl` (None: the
+    backend's) as `ModelConfig.moe_impl`.
     """
     path = Path(path)
     published = (path / "model.safetensors.index.json").is_file()
     if published:
         source = read_published(path)
         cfg = source.cfg.replace(dtype=dtype or "bfloat16", quantized=bool(quantized), quant_sim=quant_sim,
-                                 remat=remat)
+                                 remat=remat, moe_impl=moe_impl)
     else:
         cfg = converted_config(path)
-        cfg = cfg.replace(dtype=dtype or cfg.dtype, quant_sim=quant_sim, remat=remat,
+        cfg = cfg.replace(dtype=dtype or cfg.dtype, quant_sim=quant_sim, remat=remat, moe_impl=moe_impl,
                           quantized=cfg.quantized if quantized is None else quantized)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     sharding_for = checkpoint_shardings(model, mesh, rules) if mesh is not None else None

@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from v4jax.config import ModelConfig
+from v4jax.config import MOE_IMPLS, ModelConfig
 from v4jax.errors import CheckpointError, V4jaxError
 
 CONFIGS = importlib.resources.files("v4jax.configs")  # configs/, installed as package data
@@ -197,6 +197,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-quant-sim", dest="quant_sim", action="store_false",
                    help="turn off the reference's quantisation-aware steps (FP8 activations and KV, FP4 indexer); "
                         "with --dtype float32 this reproduces fp32 reference numbers")
+    p.add_argument("--moe-impl", choices=MOE_IMPLS,
+                   help="how the routed experts are multiplied (default: the backend's choice; every choice gives "
+                        "the same result)")
 
 
 def data_parallel_size(mesh, rules: str = "inference") -> int:
@@ -211,9 +214,9 @@ def data_parallel_size(mesh, rules: str = "inference") -> int:
 
 
 def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, *, dtype: str | None = None,
-               quant_sim: bool = True):
+               quant_sim: bool = True, moe_impl: str | None = None):
     """(model, context): the model placed by `rules` on `mesh`, and a context that runs it there
-    under those rules (a no-op context without a mesh). `dtype` and `quant_sim` as `add_model_options`.
+    under those rules (a no-op context without a mesh). `dtype`, `quant_sim`, `moe_impl` as `add_model_options`.
     A training run folder, full or adapter-only, loads through `v4jax.runs.load_checkpoint`."""
     from v4jax.runs import load_checkpoint
     from v4jax.sharding import use_rules
@@ -222,7 +225,7 @@ def load_model(ckpt: Path, mesh, rules: str = "inference", remat: bool = False, 
     run = training_run(ckpt)
     if run is not None and dtype not in (None, run["dtype"]):
         raise UsageError(f"--ckpt {ckpt}: a training run in {run['dtype']}, not --dtype {dtype}")
-    model = load_checkpoint(ckpt, mesh, rules, dtype=dtype, quant_sim=quant_sim, remat=remat)
+    model = load_checkpoint(ckpt, mesh, rules, dtype=dtype, quant_sim=quant_sim, remat=remat, moe_impl=moe_impl)
     return model, use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
 

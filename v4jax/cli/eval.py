@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> None:
     results = dict(done)
     t0 = time.perf_counter()
     if todo or scored:
-        model, on_mesh = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim)
+        model, on_mesh = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim,
+                                    moe_impl=args.moe_impl)
         out = open(args.out, "a", encoding="utf-8") if args.out is not None and writer else None  # noqa: SIM115
         part = open(partial_path(args.out), "a", encoding="utf-8") if out is not None else None  # noqa: SIM115
         bar = tqdm(total=sum(w.end - w.start for w in todo), unit="tok", desc="eval", disable=not writer,

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
     slots = min(args.batch_size or len(prompts), len(prompts))
     check_batch(mesh, "inference", slots, f"a batch of {slots} sequences")
 
-    model, _ = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim)  # the Generator applies the rules itself
+    # The Generator applies the rules itself.
+    model, _ = load_model(args.ckpt, mesh, dtype=args.dtype, quant_sim=args.quant_sim, moe_impl=args.moe_impl)
     # room for every new token, up to the checkpoint's position limit (then a sequence stops: "length")
     max_len = max(map(len, prompts)) + args.max_new_tokens
     max_len = min(max_len, limit) if limit is not None else max_len

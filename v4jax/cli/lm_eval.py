@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> None:
     import v4jax.harness  # noqa: F401 (registers the model "v4jax")
 
     if any(a == "--model" or a.startswith("--model=") or a.startswith("--model_args") for a in args.rest):
-        raise UsageError("--model and --model_args are v4jax's: give --ckpt, --dtype, --no-quant-sim, --mesh")
+        raise UsageError("--model and --model_args are v4jax's: give --ckpt, --dtype, --no-quant-sim, --moe-impl, "
+                         "--mesh")
     model_args = {"ckpt": str(args.ckpt), "quant_sim": args.quant_sim}
-    for key in ("dtype", "mesh", "max_length"):
+    for key in ("dtype", "mesh", "max_length", "moe_impl"):
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
     harness = HarnessCLI()

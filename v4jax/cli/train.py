@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
     check_batch(mesh, "training", args.batch // args.grad_accum, "--batch / --grad-accum")
 
     model, on_mesh = load_model(args.ckpt, mesh, rules="training", remat=args.remat, dtype=args.dtype,
-                                quant_sim=args.quant_sim)
+                                quant_sim=args.quant_sim, moe_impl=args.moe_impl)
     opt_cfg = OptimizerConfig(name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup,
                               total_steps=args.steps, weight_decay=args.weight_decay, clip_norm=args.clip)
     lr = schedule(opt_cfg)
