@@ -76,6 +76,16 @@ def test_lora_plan_bytes_at_rest_split_base_and_adapters():
     assert p.params < total - lora_bytes and p.peak == p.params + p.adapters
 
 
+def test_plan_token_counts_take_k_and_m_suffixes_as_the_readme_writes_them():
+    args = build_parser().parse_args(["plan", "--lora-rank", "16", "--lora-tokens", "8K", "64K", "1M", "65536",
+                                      "--contexts", "128K"])
+    assert args.lora_tokens == [("8K", 8192), ("64K", 65536), ("1M", 1048576), ("65536", 65536)]
+    assert args.contexts == [("128K", 131072)]
+    for bad in ("8X", "5M", "0K", "K"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["plan", "--lora-tokens", bad])
+
+
 @pytest.mark.slow
 def test_plan_command_lora_rows_compile_the_adapter_step(capsys):
     args = build_parser().parse_args(["plan", "--models", "configs/tiny.json", "--lora-rank", "4",

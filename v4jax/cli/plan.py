@@ -11,7 +11,8 @@ from pathlib import Path
 
 from v4jax.cli.common import CONFIGS, existing_file, int_at_least, new_file, nonnegative_int, positive_float
 
-CONTEXTS = {"128K": 131072, "1M": 1048576}
+CONTEXTS = ("128K", "1M")  # the serving plans' default contexts
+UNITS = {"K": 1024, "M": 1048576}
 # Bounds that keep a plan's arithmetic and simulated meshes finite (4x V4's 1M context; 16
 # times the README's largest mesh): past them XLA's shape arithmetic overflows or the
 # simulated devices take minutes to create.
@@ -31,7 +32,8 @@ def add(sub) -> argparse.ArgumentParser:
                    help="a packaged config (flash, pro, flash-base, pro-base, tiny) or a config.json path")
     p.add_argument("--weights", nargs="+", default=["quantized", "bfloat16"], choices=["quantized", "bfloat16"],
                    help="kept FP8/FP4 codes + scales, or dequantised to bf16")
-    p.add_argument("--contexts", nargs="+", type=context, default=[context(c) for c in CONTEXTS], help="128K, 1M or a token count")
+    p.add_argument("--contexts", nargs="+", type=context, default=[context(c) for c in CONTEXTS],
+                   help="token counts, plain or with K / M (e.g. 128K 1M 65536)")
     p.add_argument("--devices", nargs="+", type=device_count, default=[8, 16, 64, 256], help="device counts (table mode)")
     p.add_argument("--fit", nargs="+", type=positive_float, metavar="GB",
                    help="device memory sizes in GB (1e9): find the smallest fitting device count instead")
@@ -46,7 +48,7 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int_at_least(1, 4096),
                    help="plan LoRA fine-tuning of this rank instead (quantised base, training rules, one "
                         "sequence per device, remat): base, adapters + AdamW and the compiled step's temporaries")
-    p.add_argument("--lora-tokens", nargs="+", type=context, default=[("8K", 8192), ("64K", 65536)],
+    p.add_argument("--lora-tokens", nargs="+", type=context, default=[context("8K"), context("64K")],
                    help="tokens per sequence of the LoRA rows")
     p.add_argument("--json", type=new_file, help="also write the plans here")
     p.set_defaults(run=run)
@@ -64,10 +66,14 @@ def model_config(value: str) -> Path:
 
 
 def context(value: str) -> tuple[str, int]:
-    """ "128K", "1M" or a token count -> (label, tokens)."""
-    if value in CONTEXTS:
-        return value, CONTEXTS[value]
-    return value, token_count(value)
+    """A token count, plain or with a K (1,024) or M (1,048,576) suffix ("8K", "128K", "1M") -> (label, tokens)."""
+    scale = UNITS.get(value[-1:])
+    if scale is None or not value[:-1].isdigit():
+        return value, token_count(value)
+    tokens = int(value[:-1]) * scale
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_TOKENS} tokens (4M), got {value!r}")
+    return value, tokens
 
 
 def simulate_devices(n: int) -> None:
