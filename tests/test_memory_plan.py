@@ -76,6 +76,23 @@ def test_lora_plan_bytes_at_rest_split_base_and_adapters():
     assert p.params < total - lora_bytes and p.peak == p.params + p.adapters
 
 
+def test_lora_step_bytes_falling_with_depth_compile_the_full_depth_instead(monkeypatch):
+    """A deeper reduced copy needing fewer bytes (a one-repetition segment scheduled differently) gives no
+    line to extrapolate along, which could even go negative: the full depth is compiled."""
+    cfg = ModelConfig.from_json("configs/tiny.json")
+    compiled = []
+
+    def fake(c, mesh, tokens, rank):
+        compiled.append(c.num_hidden_layers)
+        return plan.Step(10, 1, 1, {1: 500, 2: 300}.get(len(compiled), 400))
+
+    monkeypatch.setattr(plan, "compile_train_step", fake)
+    step, depths = plan.extrapolated_train_step(cfg, None, 256, 4, reps=1)
+    assert compiled == [plan.reduced_depth(cfg, 1).num_hidden_layers, plan.reduced_depth(cfg, 2).num_hidden_layers,
+                        cfg.num_hidden_layers]
+    assert depths == (cfg.num_hidden_layers,) and step.temporaries == 400
+
+
 def test_plan_token_counts_take_k_and_m_suffixes_as_the_readme_writes_them():
     args = build_parser().parse_args(["plan", "--lora-rank", "16", "--lora-tokens", "8K", "64K", "1M", "65536",
                                       "--contexts", "128K"])

@@ -328,12 +328,17 @@ def extrapolated_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int
     per segment: each byte count taken as affine in the scan iterations (each keeps one residual
     stream for the backward pass, the same shape in every segment). Where the copies' own layer
     plans give both as many iterations (units cut differently), the layer count stands in for
-    them. Also the depths compiled."""
+    them. Where the deeper copy needs fewer bytes than the shallower one, the two were scheduled
+    differently (XLA inlines a segment of one repetition; Flash at reps = 1: 189 GB of temporaries,
+    120 GB at reps = 2) and no line through them holds: the full depth is compiled instead. Also
+    the depths compiled."""
     lo, hi = reduced_depth(cfg, reps), reduced_depth(cfg, reps + 1)
     step_lo = compile_train_step(lo, mesh, tokens, rank)
     if lo.num_hidden_layers == cfg.num_hidden_layers:  # no segment repeats more than `reps` times
         return step_lo, (lo.num_hidden_layers,)
     step_hi = compile_train_step(hi, mesh, tokens, rank)
+    if any(b < a for a, b in zip(dataclasses.astuple(step_lo), dataclasses.astuple(step_hi))):
+        return compile_train_step(cfg, mesh, tokens, rank), (cfg.num_hidden_layers,)
     size = scan_steps if scan_steps(hi) != scan_steps(lo) else (lambda c: c.num_hidden_layers)
     f = (size(cfg) - size(lo)) / (size(hi) - size(lo))
     step = Step(*(round(a + (b - a) * f) for a, b in zip(dataclasses.astuple(step_lo), dataclasses.astuple(step_hi))))
