@@ -135,6 +135,11 @@ def ragged_matmul_t(x, w, group_sizes):
     return jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, dims, preferred_element_type=jnp.float32)
 
 
+def _row_matmul(w):
+    """w: [out, in] -> (a: [rows, in] -> [rows, out] float32)."""
+    return lambda a: jnp.einsum("ri,oi->ro", a, w, preferred_element_type=jnp.float32)
+
+
 def _ffn_in(xs, mm1, mm3, *, dtype, act_quant: bool):
     """The expert FFN's input projections on rows laid out for mm1, mm3: [..., dim] -> g, v [..., F] in `dtype`.
 
@@ -225,8 +230,7 @@ def _tiled_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
         xs_t, rw_t, expert_t = one  # [t, dim], [t], []
 
         def mm(w):
-            wt = take_experts(w, expert_t, x.dtype)  # [out, in]
-            return lambda a: jnp.einsum("ri,oi->ro", a, wt, preferred_element_type=jnp.float32)
+            return _row_matmul(take_experts(w, expert_t, x.dtype))  # [out, in]
 
         return _ffn(xs_t, rw_t, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
 
@@ -297,11 +301,6 @@ def _each_chunk(start, end, compute, apply, carry):
     return apply(carry, off, *jax.lax.switch(which, [*map(branch, CHUNK_ROWS), nothing]))
 
 
-def _row_matmul(w):
-    """w: [out, in] -> (a: [rows, in] -> [rows, out] float32)."""
-    return lambda a: jnp.einsum("ri,oi->ro", a, w, preferred_element_type=jnp.float32)
-
-
 def _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs: bool):
     """The FFN of every sorted row: ys [R, dim] float32 (rows past the assignments 0) and, with
     keep_inputs, the rows' g, v [R, F] (what the backward pass reads)."""
@@ -322,7 +321,7 @@ def _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs: bool):
 
         return _each_chunk(start, end, compute, apply, bufs)
 
-    f = ws[0][0].shape[1] if isinstance(ws[0], tuple) else ws[0].shape[1]
+    f = jax.tree.leaves(ws[0])[0].shape[1]  # w1: [E, F, dim], or its codes
     bufs = (jnp.zeros((xs.shape[0], xs.shape[1]), jnp.float32),)
     if keep_inputs:
         bufs += (jnp.zeros((xs.shape[0], f), dtype),) * 2
