@@ -28,17 +28,17 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from v4jax import quant
-
+from v4jax.low_rank import LowRank
 from v4jax.sharding.rules import Layout, ShardingError, active_rules
 
 
 def expert_dispatch(local_fn, x, ids, weights, w1, w2, w3, **kwargs):
     """Routed experts for x: [N, dim] with ids, weights: [N, k]; w1, w3: [E, F, dim], w2: [E, dim, F].
 
-    Each weight is an array or a tuple of arrays split alike along (experts, out, in)
-    (kept-quantised codes and scales). `local_fn(x, ids, weights, w1, w2, w3,
-    n_experts=E_local, **kwargs)` is the single-device grouped-expert FFN
-    (moe.grouped_experts). Returns [N, dim] float32.
+    Each weight is an array, a tuple of arrays split alike along (experts, out, in)
+    (kept-quantised codes and scales) or a LowRank (a LoRA pair per expert, split with
+    its experts). `local_fn(x, ids, weights, w1, w2, w3, n_experts=E_local, **kwargs)` is
+    the single-device grouped-expert FFN (moe.grouped_experts). Returns [N, dim] float32.
     """
     n_exp, f = jax.tree.leaves(w1)[0].shape[:2]
     layout = active_rules()
@@ -49,7 +49,7 @@ def expert_dispatch(local_fn, x, ids, weights, w1, w2, w3, **kwargs):
     tok, exp, ffn = _spec(plan.tok), _spec(plan.exp), _spec(plan.ffn)
 
     def split(w, spec):
-        return jax.tree.map(lambda _: spec, w)
+        return w.partition(spec) if isinstance(w, LowRank) else jax.tree.map(lambda _: spec, w)
 
     fn = jax.shard_map(
         lambda *a: body(plan, local_fn, kwargs, *a), mesh=layout.mesh,

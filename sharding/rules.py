@@ -79,7 +79,7 @@ TRAINING: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": None,
-    "act_embed": None,
+    "act_embed": "tensor",
     "act_heads": "tensor",
     "act_vocab": "tensor",
     # decode cache (evaluation and generation with a training layout)

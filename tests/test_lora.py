@@ -17,7 +17,8 @@ from v4jax.config import LayerKind, ModelConfig
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
 from v4jax.model import Transformer
-from v4jax.moe import MoE, ExpertWeights
+from v4jax.low_rank import times
+from v4jax.moe import MoE, ExpertWeights, expert_stack
 from v4jax import train
 from v4jax.train import lm_loss, make_optimizer, train_step
 
@@ -66,7 +67,7 @@ def test_fresh_adapters_leave_logits_bit_identical():
 
 
 def test_adapted_projections_match_numpy():
-    """One FP8 linear (factored term) and one FP4 expert stack (folded term) against numpy."""
+    """One FP8 linear and one FP4 expert stack (each expert with its pair) against numpy."""
     rngs = nnx.Rngs(0)
     lin = Linear(128, 256, QCFG, rngs, ("mlp", "embed"), fp8=True)
     experts = ExpertWeights(QCFG, 3, 64, 128, rngs, ("exp", "mlp_moe", "embed_moe"))
@@ -79,8 +80,11 @@ def test_adapted_projections_match_numpy():
     want = x @ np_dequant_fp8(lin.weight[...], lin.scale[...]).T + 0.5 * (x @ a.T) @ b.T
     np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), want, rtol=2e-5, atol=2e-5)
     a, b = np.asarray(experts.lora.a[...]), np.asarray(experts.lora.b[...])
-    want = np_dequant_fp4(experts.weight[...], experts.scale[...]) + 0.5 * np.einsum("eor,eri->eoi", b, a)
-    np.testing.assert_allclose(np.asarray(experts.operand()), want, rtol=1e-5, atol=1e-5)
+    folded = np_dequant_fp4(experts.weight[...], experts.scale[...]) + 0.5 * np.einsum("eor,eri->eoi", b, a)
+    stack = expert_stack(experts.operand(), jnp.float32)  # a LowRank: the pairs stay factored
+    for e in range(3):
+        got = times(lora.dense_matmul, jax.tree.map(lambda m: m[e], stack))(jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(got), x @ folded[e].T, rtol=2e-5, atol=2e-5)
 
 
 def test_dropout_masks_each_scanned_layers_adapter_input_as_numpy_and_is_off_unseeded():

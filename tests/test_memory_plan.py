@@ -76,6 +76,18 @@ def test_lora_plan_bytes_at_rest_split_base_and_adapters():
     assert p.params < total - lora_bytes and p.peak == p.params + p.adapters
 
 
+def test_lora_plan_tensor_degree_shares_each_sequence_over_that_many_devices():
+    cfg = ModelConfig.from_json("configs/flash.json", quantized=True)  # tiny's FP8 scale grids are too small
+    meshes = plan.training_meshes(cfg, 8, tensor=4)
+    assert meshes and all(m.shape["tensor"] == 4 and m.size == 8 for m in meshes)
+    assert plan.training_meshes(cfg, 8, tensor=3) == []
+    p = plan.plan_lora(cfg, 8, 4, 256, tensor=2, compile_steps=False)
+    assert p.devices == 8 and "tensor=2" in p.mesh
+    assert plan.plan_lora(cfg, 6, 4, 256, tensor=4, compile_steps=False) is None
+    args = build_parser().parse_args(["plan", "--lora-rank", "16", "--lora-tensor", "1", "8"])
+    assert args.lora_tensor == [1, 8]
+
+
 def test_lora_step_bytes_falling_with_depth_compile_the_full_depth_instead(monkeypatch):
     """A deeper reduced copy needing fewer bytes (a one-repetition segment scheduled differently) gives no
     line to extrapolate along, which could even go negative: the full depth is compiled."""

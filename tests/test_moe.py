@@ -11,6 +11,7 @@ import oracle
 from v4jax import moe, quant
 from v4jax.config import ModelConfig
 from v4jax.errors import ConfigError
+from v4jax.low_rank import LowRank
 from v4jax.sharding import make_mesh, use_rules
 from v4jax.sharding.experts import expert_dispatch
 
@@ -140,6 +141,55 @@ def test_gradients_over_kept_quantised_experts_equal_across_impls(weights, kind)
         jax.tree.map(lambda a, b: close(a, b, 2e-5), grads(impl), want)
 
 
+def adapted(ws, ref, rank=3, scale=0.5):
+    """LowRank operands (a LoRA pair per expert) over ws, and the oracle's matrices with B A folded in
+    (float64)."""
+    ops, folded = [], []
+    for w, r in zip(ws, ref):
+        out, inp = r.shape[1:]
+        a, b = RNG.normal(size=(E, rank, inp)) * inp**-0.5, RNG.normal(size=(E, out, rank)) * 0.3
+        ops.append(LowRank(w, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), scale))
+        folded.append(r + scale * np.einsum("eor,eri->eoi", np.float32(b), np.float32(a)))
+    return tuple(ops), tuple(folded)
+
+
+@pytest.mark.parametrize("kind", ["float", "fp4"])
+def test_factored_adapters_equal_folded_weights_for_every_impl(weights, kind):
+    """LowRank experts (base float or kept FP4) give the oracle's output with W + s B A per expert."""
+    ops, folded = adapted(*weights[kind])
+    x = RNG.normal(size=(200, D)).astype(np.float32)
+    ids, w = routing(200, True)
+    want = oracle_routed(x, ids, w, folded, False)
+    for impl in moe.MOE_IMPLS:
+        close(run(impl, x, ids, w, ops, False), want, 2e-5)
+
+
+def test_adapter_gradients_are_the_folded_weights_chain_rule_for_every_impl(weights):
+    """Over a frozen FP4 base: dB_e = s dW_e A_eᵀ and dA_e = s B_eᵀ dW_e, with dW_e the gradient of
+    the same loss through the folded float matrices; the base gets none."""
+    ops, folded = adapted(*weights["fp4"])
+    x = RNG.normal(size=(96, D)).astype(np.float32)
+    ids, w = routing(96, True)
+
+    def loss(impl):
+        def fn(x, ws):
+            return jnp.sum(jnp.sin(moe.grouped_experts(x, ids, w, *ws, limit=LIMIT, act_quant=False, n_experts=E,
+                                                       impl=impl)))
+        return fn
+
+    dx_f, dw_f = jax.jit(jax.grad(loss("ragged"), argnums=(0, 1)))(x, tuple(np.float32(f) for f in folded))
+    pairs = tuple((op.a, op.b) for op in ops)
+    for impl in moe.MOE_IMPLS:
+        def of_pairs(x, pairs, impl=impl):
+            return loss(impl)(x, tuple(LowRank(op.w, a, b, op.scale) for op, (a, b) in zip(ops, pairs)))
+        dx, dpairs = jax.jit(jax.grad(of_pairs, argnums=(0, 1)))(x, pairs)
+        close(np.asarray(dx), np.asarray(dx_f), 1e-4)
+        for (a, b), (da, db), dw in zip(pairs, dpairs, dw_f):
+            dw = np.asarray(dw, np.float64)
+            close(np.asarray(db), 0.5 * np.einsum("eoi,eri->eor", dw, np.asarray(a)), 1e-4)
+            close(np.asarray(da), 0.5 * np.einsum("eor,eoi->eri", np.asarray(b), dw), 1e-4)
+
+
 def test_looped_chunks_cover_an_expert_longer_than_a_chunk_and_one_filling_it_exactly(weights):
     """Expert 0 takes a full chunk and a rest, expert 1 exactly one full chunk; values and gradients."""
     ws, ref = weights["float"]
@@ -157,6 +207,31 @@ def test_looped_chunks_cover_an_expert_longer_than_a_chunk_and_one_filling_it_ex
         return jax.tree.map(np.asarray, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, ws))
 
     jax.tree.map(lambda a, b: close(a, b, 2e-5), grads("looped"), grads("ragged"))
+
+
+def test_token_chunks_give_the_unchunked_values_and_gradients(weights, monkeypatch):
+    """Past MAX_ASSIGNMENTS the tokens run in checkpointed chunks (the last one padded): same outputs
+    as the oracle, and the same gradients as one pass, for every impl and a LoRA pair over FP4."""
+    ws, ref = weights["float"]
+    ops, _ = adapted(*weights["fp4"])
+    n = 100
+    x = RNG.normal(size=(n, D)).astype(np.float32)
+    ids, w = routing(n, True)
+
+    def grads(impl):
+        """d/d(x, w, float stacks, LoRA pairs) of a loss through both kinds of operand."""
+        def loss(x, w, ws, pairs):
+            lora = tuple(LowRank(op.w, a, b, op.scale) for op, (a, b) in zip(ops, pairs))
+            return sum(jnp.sum(jnp.sin(moe.grouped_experts(x, ids, w, *operands, limit=LIMIT, act_quant=False,
+                                                           n_experts=E, impl=impl))) for operands in (ws, lora))
+        pairs = tuple((op.a, op.b) for op in ops)
+        return jax.tree.map(np.asarray, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, ws, pairs))
+
+    want = {impl: grads(impl) for impl in moe.MOE_IMPLS}
+    monkeypatch.setattr(moe, "MAX_ASSIGNMENTS", 64)  # 32 tokens per chunk: 4 chunks, the last 4 real tokens
+    for impl in moe.MOE_IMPLS:
+        close(run(impl, x, ids, w, ws, False), oracle_routed(x, ids, w, ref, False), 2e-5)
+        jax.tree.map(lambda a, b: close(a, b, 2e-5), grads(impl), want[impl])
 
 
 def test_the_backward_pass_keeps_no_expert_matrices_per_tile():
@@ -220,13 +295,14 @@ def test_decode_reads_only_the_selected_kept_quantised_experts():
 
 
 @pytest.mark.parametrize("spec, dispatch", [("expert=8", "gather"), ("data=2,expert=4", "a2a")])
-@pytest.mark.parametrize("kind", ["float", "fp8"])
+@pytest.mark.parametrize("kind", ["float", "fp8", "fp8+lora"])
 def test_expert_parallel_dispatch_equals_local_for_every_impl(weights, spec, dispatch, kind):
-    ws, _ = weights[kind]
+    ws, _ = adapted(*weights["fp8"]) if kind == "fp8+lora" else weights[kind]
     n = 64
     x = RNG.normal(size=(n, D)).astype(np.float32)
     ids, w = routing(n, True)
-    act_quant = kind != "float"
+    # With a LoRA term, impls sum a row's products in other orders: FP8 activation steps could flip.
+    act_quant = kind == "fp8"
     want = run("ragged", x, ids, w, ws, act_quant)
     with use_rules(make_mesh(spec), "inference", dispatch=dispatch):
         for impl in ("tiled", "looped", "gather"):

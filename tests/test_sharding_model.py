@@ -128,9 +128,11 @@ def test_prefill_and_decode_with_a_sequence_split_cache_equal_the_unsharded_forw
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dispatch", ["gather", "a2a"])
-def test_training_rules_give_the_unsharded_loss_and_gradients(eager_model, ids, dispatch):
-    """FSDP x expert parallelism: the backward pass runs through the dispatch collectives."""
+@pytest.mark.parametrize("spec, dispatch", [("fsdp=2,expert=4", "gather"), ("fsdp=2,expert=4", "a2a"),
+                                            ("fsdp=2,expert=2,tensor=2", "gather")])
+def test_training_rules_give_the_unsharded_loss_and_gradients(eager_model, ids, spec, dispatch):
+    """FSDP x expert (x tensor) parallelism: the backward pass runs through the dispatch collectives;
+    with tensor, the heads, expert widths, vocabulary and residual streams of a sequence are split."""
     from v4jax import train
 
     def loss_and_grads(model, x, mask):
@@ -142,7 +144,7 @@ def test_training_rules_give_the_unsharded_loss_and_gradients(eager_model, ids, 
     x = jnp.asarray(ids[:, :64])
     mask = jnp.ones_like(x)
     want_loss, want_grads = nnx.jit(loss_and_grads)(eager_model[0], x, mask)
-    mesh = sh.make_mesh("fsdp=2,expert=4")
+    mesh = sh.make_mesh(spec)
     model = sh.shard_model(copy(eager_model[0]), mesh, "training")
     with sh.use_rules(mesh, "training", dispatch=dispatch):
         loss, grads = nnx.jit(loss_and_grads)(model, x, mask)

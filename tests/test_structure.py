@@ -15,16 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, set[str]]] = [
     ("config", {"v4jax.errors", "v4jax.config", "v4jax.params"}),
     ("math", {"v4jax.quant", "v4jax.rope", "v4jax.norms", "v4jax.hyper_connections", "v4jax.linear",
-              "v4jax.compressor", "v4jax.balancing"}),
+              "v4jax.compressor", "v4jax.balancing", "v4jax.low_rank"}),
     ("sharding mechanism", {"v4jax.sharding", "v4jax.sharding.mesh", "v4jax.sharding.rules",
                             "v4jax.sharding.experts", "v4jax.sharding.kv", "v4jax.sharding.placement"}),
     # The indexer's top-k is the sequence-split one of the mechanism, so it sits above it.
     ("model", {"v4jax.indexer", "v4jax.attention", "v4jax.moe", "v4jax.cache", "v4jax.model", "v4jax.lora",
                "v4jax.indexer_loss"}),
-    ("model on a mesh", {"v4jax.placement", "v4jax.memory_plan"}),
+    ("model on a mesh", {"v4jax.placement"}),
     ("checkpoints and loading", {"v4jax.checkpoint"}),
     ("runtime", {"v4jax.lora_export", "v4jax.tokens", "v4jax.sampling", "v4jax.speculative", "v4jax.generate", "v4jax.optim",
-                 "v4jax.train", "v4jax.evaluate", "v4jax.data", "v4jax.runs", "v4jax.harness"}),
+                 "v4jax.train", "v4jax.evaluate", "v4jax.data", "v4jax.runs", "v4jax.harness",
+                 "v4jax.memory_plan"}),  # plans the training step of v4jax.train
     ("public API", {"v4jax"}),  # the package's __init__: re-exports from the layers below
     ("command line", {"v4jax.cli"}),
 ]

@@ -349,3 +349,30 @@ def test_checkpoints_with_wrt_save_and_restore_only_the_selected_variables_and_t
     saved = ocp.training.Checkpointer(tmp_path / "run").metadata(4).custom_metadata["checksums"]
     assert [k for k in saved if k.startswith("['model']")] == ["['model']['adapter']"]
     assert any(k.startswith("['optimizer']") for k in saved)
+
+
+def test_head_logprobs_in_position_chunks_equal_the_whole_log_softmax_and_its_gradient(monkeypatch):
+    """The training NLL never forms a sequence's logits: chunks of LOGIT_CHUNK positions (the last one
+    padded) give numpy's log-softmax of h Wᵀ at each target, and the gradient of the full formula."""
+    from v4jax import train as train_mod
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(2, 20, 16)).astype(np.float32)
+    head = rng.normal(size=(50, 16)).astype(np.float32)
+    targets = rng.integers(0, 50, (2, 20)).astype(np.int32)
+    logits = np.float64(h) @ np.float64(head).T
+    logits -= logits.max(-1, keepdims=True)
+    want = np.take_along_axis(logits - np.log(np.exp(logits).sum(-1, keepdims=True)), targets[..., None], -1)[..., 0]
+
+    def full(h, head):
+        logp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, head), axis=-1)
+        return jnp.sum(jnp.sin(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]))
+
+    want_grads = jax.grad(full, argnums=(0, 1))(h, head)
+    monkeypatch.setattr(train_mod, "LOGIT_CHUNK", 7)  # 3 chunks, the last with one padding position
+    logp, hit = jax.jit(train_mod.head_logprobs)(h, head, targets)
+    np.testing.assert_allclose(np.asarray(logp), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(hit), logits.argmax(-1) == targets)
+    grads = jax.grad(lambda h, w: jnp.sum(jnp.sin(train_mod.head_logprobs(h, w, targets)[0])), argnums=(0, 1))(h, head)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

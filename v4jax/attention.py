@@ -308,6 +308,11 @@ class Attention(nnx.Module):
                     parts.append((entries, visible))
             return sink_attention(sl(q, qb), parts, sink, scale), side
 
+        if cfg.remat:
+            # The backward pass of the (rematerialised) layer would otherwise keep every block's
+            # gathered top-k entries and scores at once ([batch, T, k, d] float32: 8.6 GB per
+            # sequence for Flash at 8K); recomputed per block, it holds one block's.
+            block = jax.checkpoint(block)
         out, side = jax.lax.map(block, jnp.arange(n_blocks))  # [n_blocks, batch, Qb, ...]
         unblock = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n_blocks * qb, *a.shape[3:])[:, :t_len]
         return unblock(out), jax.tree.map(unblock, side)

@@ -8,18 +8,20 @@ keeps its `nnx.Param` / `Quantized` variables untouched. Each adapted module get
 - dense projections (`Linear`, attention / shared expert / indexer): the low-rank term is
   added to the output, on the same (activation-quantised) input the base sees;
 - the routed experts (`ExpertWeights`, one pair per expert, stacked [E, ...] and sharded
-  with the experts), the grouped `wo_a` (one pair per group) and the router's `gate`
-  [E, dim]: B A is added to the decoded weight before the expert / group / gate matmuls, so
-  every expert-matmul backend and expert dispatch runs unchanged (PEFT's `target_parameters`
-  adapts fused expert weights the same way).
+  with the experts): the pair stays factored (`v4jax.low_rank.LowRank`), so every expert
+  path adds each row's x Aᵀ Bᵀ from its own expert's pair and no adapted [E, out, in] stack
+  is ever built (PEFT's `target_parameters` folds B A into fused expert weights instead:
+  the same function, other round-off);
+- the grouped `wo_a` (one pair per group) and the router's `gate` [E, dim]: B A is added
+  to the weight before the group / gate matmuls (small weights, used whole).
 
 A is drawn as PEFT draws it (uniform in ±in^-1/2) and B is zero, so a fresh adapter leaves
 the model's output exactly unchanged.
 
 Dropout (training only) is PEFT's: the adapter's input is dropped, x -> dropout(x) -> A -> B,
-the base sees x. It can only act where the term is factored (the dense projections); a term
-folded into a weight has no input of its own to drop (PEFT's `target_parameters` refuses
-dropout for that reason), so the experts', `wo_a`'s and the gate's adapters train without it.
+the base sees x. It acts on the dense projections only: PEFT's `target_parameters` (fused
+expert weights) refuses dropout, and a term folded into a weight has no input of its own to
+drop, so the experts', `wo_a`'s and the gate's adapters train without it, as PEFT's would.
 Masks come from keys that `seed_dropout` puts on a traced copy of the model, one per adapter and
 per layer (the scanned layers slice them like every stacked variable); the model itself never
 holds them, so evaluation and generation run without dropout.
@@ -39,6 +41,7 @@ from v4jax import quant
 from v4jax.attention import GroupedWeight
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
+from v4jax.low_rank import LowRank, adapter_term
 from v4jax.moe import ExpertWeights, Gate
 
 # Module paths (dotted, from the model root) ending in one of these are adapted by default:
@@ -86,11 +89,14 @@ class DropoutKey(nnx.Variable):
     """The PRNG keys of an adapter's dropout masks [*layers]: set on a traced copy (`seed_dropout`)."""
 
 
+def dense_matmul(x, w):
+    """x: [..., in], w: [out, in] -> x wᵀ: [..., out] float32 (in x's dtype)."""
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 def low_rank_apply(x, a, b, scale: float):
     """x: [..., in] -> scale * (x aᵀ) bᵀ: [..., out] float32."""
-    h = jnp.einsum("...i,ri->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    return scale * jnp.einsum("...r,or->...o", h.astype(x.dtype), b.astype(x.dtype),
-                              preferred_element_type=jnp.float32)
+    return adapter_term(dense_matmul, a, b, scale)(x)
 
 
 class Adapter(nnx.Module):

@@ -10,9 +10,11 @@ those of the full depth when compiling the full model is too slow.
 
 LoRA fine-tuning plans (`plan_lora`) do the same for a training step over adapters on a
 frozen base: base and adapter (+ moment) bytes at rest, and the compiled step's temporaries
-with every block rematerialised. A training step's temporaries do grow with depth (the backward
-pass keeps every scan iteration's residual stream), so those of the full depth are
-extrapolated from two reduced-depth copies, one more repetition per segment in the second.
+(the training loss of `v4jax.train`, every block rematerialised) for one sequence per
+data-parallel replica, its `tensor` devices sharing it. A training step's temporaries do grow
+with depth (the backward pass keeps every scan iteration's residual stream), so those of the
+full depth are extrapolated from two reduced-depth copies, one more repetition per segment in
+the second.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from v4jax.sharding.experts import check_expert_layout
 from v4jax.sharding.mesh import describe, make_mesh
 from v4jax.sharding.placement import bytes_per_device, shard_model
 from v4jax.sharding.rules import Layout, ShardingError, get_rules, use_rules
+from v4jax.train import lm_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +257,7 @@ class LoRAPlan:
     mesh: str
     devices: int
     rank: int
-    tokens: int  # per sequence; one sequence per device (the training rules split the batch over all)
+    tokens: int  # per sequence; one sequence per data-parallel replica (its `tensor` devices share it)
     params: int  # the frozen base, bytes per device
     adapters: int  # adapters + AdamW's two moments (same dtype and sharding), bytes per device
     step: Step | None  # the compiled step (rematerialised blocks): temporaries = activations, gradients
@@ -294,15 +297,13 @@ def compile_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int | No
     abstract = abstract_model(cfg) if rank is None else lora_abstract(cfg, rank)
     trained = nnx.Param if rank is None else nnx.LoRAParam
     graphdef, params, base = nnx.split(shard_model(abstract, mesh, "training"), trained, ...)
-    batch = mesh.size
+    batch = mesh.size // mesh.shape.get("tensor", 1)  # tensor-parallel devices share their sequence
     with use_rules(mesh, "training", dispatch=dispatch) as layout:
         ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32,
                                    sharding=layout.sharding(("batch", None), (batch, tokens), "input ids"))
 
-        def loss(params, base, ids):
-            logits = nnx.merge(graphdef, params, base)(ids)[:, :-1].astype(jnp.float32)
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)
-            return -jnp.mean(logp)
+        def loss(params, base, ids):  # the training loss (v4jax.train), every token a target
+            return lm_loss(nnx.merge(graphdef, params, base), ids, jnp.ones_like(ids))[0]
 
         def step(params, mu, nu, base, ids):
             g = jax.grad(loss)(params, base, ids)
@@ -345,22 +346,26 @@ def extrapolated_train_step(cfg: ModelConfig, mesh: Mesh, tokens: int, rank: int
     return step, (lo.num_hidden_layers, hi.num_hidden_layers)
 
 
-def training_meshes(cfg: ModelConfig, n_devices: int, devices: Sequence | None = None) -> list[Mesh]:
-    """fsdp x expert = n (expert dividing the routed-expert count): the LoRA step's candidates."""
+def training_meshes(cfg: ModelConfig, n_devices: int, tensor: int = 1, devices: Sequence | None = None) -> list[Mesh]:
+    """fsdp x expert x tensor = n (expert dividing the routed-expert count, the given tensor
+    degree): the LoRA step's candidates; none where tensor does not divide n."""
     devices = list(jax.devices()[:n_devices] if devices is None else devices)
-    return [make_mesh(dict(fsdp=n_devices // e, expert=e), devices=devices)
-            for e in _divisors(n_devices) if cfg.n_routed_experts % e == 0]
+    if n_devices % tensor:
+        return []
+    rest = n_devices // tensor
+    return [make_mesh(dict(fsdp=rest // e, expert=e, tensor=tensor), devices=devices)
+            for e in _divisors(rest) if cfg.n_routed_experts % e == 0]
 
 
-def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model: str = "",
+def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model: str = "", tensor: int = 1,
               temp_reps: int | None = None, compile_steps: bool = True) -> LoRAPlan | None:
-    """The LoRA plan on the `n_devices` training mesh with the fewest base + adapter bytes per device
-    (ties: more expert parallelism); None if the training rules place the model on none. temp_reps:
-    the step's bytes extrapolated from copies of at most that many and one more repetitions per
-    segment (`extrapolated_train_step`); None: the full model compiled."""
+    """The LoRA plan on the `n_devices` training mesh (`tensor` devices per sequence) with the fewest
+    base + adapter bytes per device (ties: more expert parallelism); None if the training rules place
+    the model on none. temp_reps: the step's bytes extrapolated from copies of at most that many and
+    one more repetitions per segment (`extrapolated_train_step`); None: the full model compiled."""
     abstract = lora_abstract(cfg, rank)
     best = None
-    for mesh in training_meshes(cfg, n_devices):
+    for mesh in training_meshes(cfg, n_devices, tensor):
         try:
             check_expert_layout(Layout(mesh, get_rules("training")), cfg.n_routed_experts,
                                 cfg.moe_intermediate_size, cfg.quant_sim)
@@ -384,14 +389,14 @@ def plan_lora(cfg: ModelConfig, n_devices: int, rank: int, tokens: int, *, model
 
 
 def smallest_lora_fit(cfg: ModelConfig, capacity: float, sizes: Sequence[int], rank: int, tokens: int, *,
-                      model: str = "", temp_reps: int | None = None) -> LoRAPlan | None:
+                      model: str = "", tensor: int = 1, temp_reps: int | None = None) -> LoRAPlan | None:
     """The plan of the smallest device count in `sizes` whose LoRA step fits `capacity` bytes per device
     (compiled only where base + adapters fit)."""
     for n in sorted(sizes):
-        at_rest_only = plan_lora(cfg, n, rank, tokens, model=model, compile_steps=False)
+        at_rest_only = plan_lora(cfg, n, rank, tokens, model=model, tensor=tensor, compile_steps=False)
         if at_rest_only is None or at_rest_only.peak > capacity:
             continue
-        plan = plan_lora(cfg, n, rank, tokens, model=model, temp_reps=temp_reps)
+        plan = plan_lora(cfg, n, rank, tokens, model=model, tensor=tensor, temp_reps=temp_reps)
         if plan.fits(capacity):
             return plan
     return None

@@ -89,12 +89,21 @@ def init_hc_head(owner: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
     owner.hc_head_scale = param(jnp.ones((1,), jnp.float32), (None,))
 
 
-def collapse_and_project(owner, norm: RMSNorm, head_weight, x, cfg: ModelConfig):
-    """Streams [batch, T, n, dim] -> float32 logits [batch, T, vocab] (head applied in float32)."""
+def collapse(owner, norm: RMSNorm, x, cfg: ModelConfig):
+    """Streams [batch, T, n, dim] -> the head's input [batch, T, dim] float32."""
     h = hc_head(x, owner.hc_head_fn[...], owner.hc_head_base[...], owner.hc_head_scale[...],
                 hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
-    h = norm(h).astype(jnp.float32)
+    return norm(h).astype(jnp.float32)
+
+
+def project(h, head_weight):
+    """The head's input [batch, T, dim] float32 -> float32 logits [batch, T, vocab] (head applied in float32)."""
     return constrain(jnp.einsum("btd,vd->btv", h, head_weight.astype(jnp.float32)), ("batch", "seq", "act_vocab"))
+
+
+def collapse_and_project(owner, norm: RMSNorm, head_weight, x, cfg: ModelConfig):
+    """Streams [batch, T, n, dim] -> float32 logits [batch, T, vocab]."""
+    return project(collapse(owner, norm, x, cfg), head_weight)
 
 
 class MTPBlock(Block):
@@ -115,10 +124,13 @@ class MTPBlock(Block):
         """streams: main model's final [batch, T, n, dim] (before hc_head); next_embed: embed(token t+1).
 
         Returns (logits, cache), and the routing statistics as a third item when `valid` is given.
+        head_weight None: the head's input [batch, T, dim] instead of the logits (v4jax.train.head_logprobs).
         """
         x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
         x, cache, side = self(x, next_ids, cache, start, lengths, valid=valid, docs=docs)
-        logits = collapse_and_project(self, self.norm, head_weight, x, self.cfg)
+        logits = collapse(self, self.norm, x, self.cfg)
+        if head_weight is not None:
+            logits = project(logits, head_weight)
         return (logits, cache) if valid is None else (logits, cache, side["routing"])
 
 
@@ -172,7 +184,7 @@ class Transformer(nnx.Module):
         return (x, new_state) if valid is None and indexer_kl is None else (x, new_state, sides)
 
     def forward(self, input_ids, state: dict | None = None, lengths=None, *, mtp: bool = False,
-                routing: bool = False, segment_ids=None, indexer_kl: str | None = None):
+                routing: bool = False, segment_ids=None, indexer_kl: str | None = None, hidden: bool = False):
         """Run a chunk of tokens.
 
         input_ids: [batch, T]; state: decode state (None: a fresh one, i.e. a whole
@@ -180,7 +192,9 @@ class Transformer(nnx.Module):
         sequence (default T). Returns (logits [batch, T, vocab] float32, MTP logits or
         None, new state). With mtp=True the MTP block predicts token t+2 from the
         streams at t and embed(token t+1); the last position has no next token and
-        uses token id 0 there (its MTP logits are not meaningful).
+        uses token id 0 there (its MTP logits are not meaningful). hidden=True: the head's
+        input [batch, T, dim] float32 (and the MTP block's) in place of the logits, for
+        v4jax.train.head_logprobs.
 
         segment_ids ([batch, T] int, whole sequences only): documents packed in a row, 0 for
         padding, one id per document (a document is a maximal run of one id). Every token sees
@@ -228,7 +242,10 @@ class Transformer(nnx.Module):
             valid = real.astype(jnp.int32) if docs is None else jnp.where(real, docs.run + 1, 0)
         x, new_state, *sides = self.streams(input_ids, state, lengths, in_place, valid, docs, indexer_kl)
         sides = sides[0] if sides else []
-        logits = collapse_and_project(self, self.norm, self.head.weight[...], x, self.cfg)
+        head = None if hidden else self.head.weight[...]
+        logits = collapse(self, self.norm, x, self.cfg)
+        if not hidden:
+            logits = project(logits, head)
 
         mtp_logits, mtp_stats = None, None
         if mtp:
@@ -238,7 +255,7 @@ class Transformer(nnx.Module):
             # The last position's "next token" is a stand-in: it routes, but is no real token.
             mtp_valid = None if valid is None else jnp.where(has_next, valid, 0)
             mtp_logits, new_state["mtp"], *mtp_stats = self.mtp[0].predict(
-                x, embed[next_ids], next_ids, self.head.weight[...], state["mtp"], start, lengths, mtp_valid, docs)
+                x, embed[next_ids], next_ids, head, state["mtp"], start, lengths, mtp_valid, docs)
             mtp_stats = mtp_stats[0] if mtp_stats else None
         if not (routing or indexer_kl):
             return logits, mtp_logits, new_state

@@ -19,6 +19,7 @@ from v4jax.balancing import expert_counts, sequence_balance_loss
 from v4jax.config import MOE_IMPLS, LayerKind, ModelConfig
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear, random_fp8, unit_scale
+from v4jax.low_rank import LowRank, times
 from v4jax.params import Constant, Quantized, RouterBias, normal, param
 from v4jax.sharding import expert_dispatch
 
@@ -60,6 +61,7 @@ def clamped_swiglu(g, v, limit: float):
 MOE_IMPL = {"tpu": "ragged", "gpu": "tiled", "cpu": "looped"}
 MAX_TILE = 128  # rows per tile: a full MXU / tensor-core tile
 MAX_SLICES = 16  # expert matrices taken one by one rather than by one gather
+MAX_ASSIGNMENTS = 1 << 16  # (token, expert) assignments of one expert pass (see grouped_experts)
 
 
 def tile_rows(n_assign: int, n_experts: int) -> int:
@@ -107,19 +109,24 @@ def _take(w, idx):
 
 
 def expert_stack(w, dtype):
-    """All experts' matrices [E, out, in] in `dtype` from w: [E, out, in] or kept-quantised (codes, scales)."""
+    """The matrices [..., out, in] in `dtype` of an operand: an array, kept-quantised (codes,
+    scales) or a LowRank (its base decoded, its pair cast)."""
+    if isinstance(w, LowRank):
+        return LowRank(expert_stack(w.w, dtype), w.a.astype(dtype), w.b.astype(dtype), w.scale)
     if isinstance(w, tuple):
         return quant.dequant(*w, dtype)
     return w.astype(dtype)
 
 
 def take_experts(w, idx, dtype):
-    """Expert matrices w[idx] in `dtype`: idx [...] int -> [..., out, in].
+    """Expert matrices w[idx] in `dtype`: idx [...] int -> [..., out, in] (a LowRank: its pairs too).
 
     Kept-quantised experts are dequantised after the gather, so that only the
     experts taken are decoded (all of them first, once, when idx takes more
     matrices than there are experts).
     """
+    if isinstance(w, LowRank):
+        return LowRank(take_experts(w.w, idx, dtype), *(_take(m, idx).astype(dtype) for m in (w.a, w.b)), w.scale)
     if not isinstance(w, tuple):
         return _take(w, idx).astype(dtype)
     codes, scales = w
@@ -135,9 +142,14 @@ def ragged_matmul_t(x, w, group_sizes):
     return jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, dims, preferred_element_type=jnp.float32)
 
 
+def _rows_t(a, w):
+    """a: [rows, in], w: [out, in] -> [rows, out] float32."""
+    return jnp.einsum("ri,oi->ro", a, w, preferred_element_type=jnp.float32)
+
+
 def _row_matmul(w):
-    """w: [out, in] -> (a: [rows, in] -> [rows, out] float32)."""
-    return lambda a: jnp.einsum("ri,oi->ro", a, w, preferred_element_type=jnp.float32)
+    """One expert's w: [out, in] (or a LowRank of them) -> (a: [rows, in] -> [rows, out] float32)."""
+    return times(_rows_t, w)
 
 
 def _ffn_in(xs, mm1, mm3, *, dtype, act_quant: bool):
@@ -192,7 +204,7 @@ def _ragged_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     """Rows sorted by expert, one `ragged_dot` per projection over all experts."""
     n, k = ids.shape
     expert, order, group_sizes = sort_by_expert(ids, n_experts)
-    mm1, mm3, mm2 = (functools.partial(ragged_matmul_t, w=expert_stack(w, x.dtype), group_sizes=group_sizes)
+    mm1, mm3, mm2 = (times(functools.partial(ragged_matmul_t, group_sizes=group_sizes), expert_stack(w, x.dtype))
                      for w in (w1, w3, w2))
     y = _ffn(x[order // k], weights.reshape(-1)[order], mm1, mm3, mm2, dtype=x.dtype, **ffn)
     y = jnp.where((expert[order] < n_experts)[:, None], y, 0.0)
@@ -333,56 +345,72 @@ def _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs: bool):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _looped_ffn(ffn, xs, rw, ws, sizes):
     """xs: [R, dim] rows sorted by expert (R = assignments + CHUNK_ROWS[0] zero rows), rw: [R]
-    routing weights, ws: (w1, w2, w3) stacks, sizes: [E] rows per expert -> [R, dim] float32."""
+    routing weights, ws: (w1, w2, w3) operands, sizes: [E] rows per expert -> [R, dim] float32."""
     return _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs=False)[0]
 
 
+def _is_primal(p) -> bool:
+    return isinstance(p, jax.custom_derivatives.CustomVJPPrimal)
+
+
 def _looped_ffn_fwd(ffn, xs, rw, ws, sizes):
+    # symbolic_zeros: each primal says whether it is differentiated. The weight leaves that are
+    # not (a frozen base under LoRA, kept-quantised codes and scales) get no gradient computed or stored.
+    trained = tuple(p.perturbed for p in jax.tree.leaves(ws, is_leaf=_is_primal))
+    xs, rw, ws, sizes = jax.tree.map(lambda p: p.value, (xs, rw, ws, sizes), is_leaf=_is_primal)
     ys, (g, v) = _looped_forward(ffn, xs, rw, ws, sizes, keep_inputs=True)
-    return ys, (xs, rw, ws, sizes, g, v)
+    return ys, (xs, rw, ws, sizes, g, v, trained)
 
 
 def _looped_ffn_bwd(ffn, res, dys):
     """The same loop backwards: each chunk's input and weight gradients from its kept g, v
-    (XLA drops the forward matmuls that jax.vjp traces and nothing reads); weight gradients
-    summed per expert in float32. Kept-quantised weights (a frozen base) get none."""
+    (XLA drops the forward matmuls that jax.vjp traces and nothing reads); gradients of the
+    differentiated weight leaves (a LoRA pair's, a trained stack's) summed per expert in float32."""
     dtype, limit, act_quant = ffn
-    xs, rw, ws, sizes, g_all, v_all = res
-    trained = tuple(not isinstance(w, tuple) for w in ws)
+    xs, rw, ws, sizes, g_all, v_all, trained = res
+    if isinstance(dys, jax.custom_derivatives.SymbolicZero):
+        dys = jnp.zeros(dys.shape, dys.dtype)
+    leaves, treedef = jax.tree.flatten(ws)
 
     def expert(e, start, end, carry):
         dxs, drw, dws = carry
-        w1, w2, w3 = (take_experts(w, e, dtype) for w in ws)
+        own = [jax.lax.dynamic_index_in_dim(leaf, e, keepdims=False) for leaf in leaves]
+
+        def matrices(trained_slices):  # this expert's decoded (w1, w2, w3), its trained slices as given
+            it = iter(trained_slices)
+            return [expert_stack(w, dtype)
+                    for w in jax.tree.unflatten(treedef, [next(it) if t else o for o, t in zip(own, trained)])]
+
+        tr = [o for o, t in zip(own, trained) if t]
 
         def compute(off, width, rows_left):
             xc, rc, gc, vc, dyc = (jax.lax.dynamic_slice_in_dim(a, off, width) for a in (xs, rw, g_all, v_all, dys))
             dyc = jnp.where((jnp.arange(width) < rows_left)[:, None], dyc, 0.0)  # rows of later experts
-            _, out_vjp = jax.vjp(lambda g, v, r, w: _ffn_out(g, v, r, _row_matmul(w), dtype=dtype, limit=limit,
-                                                             act_quant=act_quant), gc, vc, rc, w2)
-            dg, dv, drc, dw2 = out_vjp(dyc)
-            _, in_vjp = jax.vjp(lambda x, wa, wb: _ffn_in(x, _row_matmul(wa), _row_matmul(wb), dtype=dtype,
-                                                          act_quant=act_quant), xc, w1, w3)
-            dxc, dw1, dw3 = in_vjp((dg, dv))
-            return (dxc, drc), tuple(d.astype(jnp.float32) for d in (dw1, dw2, dw3))
+            _, out_vjp = jax.vjp(lambda g, v, r, tr: _ffn_out(g, v, r, _row_matmul(matrices(tr)[1]), dtype=dtype,
+                                                              limit=limit, act_quant=act_quant), gc, vc, rc, tr)
+            dg, dv, drc, dtr_out = out_vjp(dyc)
+            _, in_vjp = jax.vjp(lambda x, tr: _ffn_in(x, *(_row_matmul(m) for m in matrices(tr)[::2]), dtype=dtype,
+                                                      act_quant=act_quant), xc, tr)
+            dxc, dtr_in = in_vjp((dg, dv))
+            return (dxc, drc), [(a + b).astype(jnp.float32) for a, b in zip(dtr_in, dtr_out)]
 
-        def apply(carry, off, rows, dwc):
-            dxs, drw, dwe = carry
+        def apply(carry, off, rows, dtr):
+            dxs, drw, acc = carry
             dxs, drw = (jax.lax.dynamic_update_slice_in_dim(b, r, off, 0) for b, r in zip((dxs, drw), rows))
-            return dxs, drw, tuple(a + b for a, b in zip(dwe, dwc))
+            return dxs, drw, [a + b for a, b in zip(acc, dtr)]
 
-        zero = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w2, w3))
-        dxs, drw, dwe = _each_chunk(start, end, compute, apply, (dxs, drw, zero))
-        dws = tuple(jax.lax.dynamic_update_index_in_dim(dw, d, e, 0) if t else dw
-                    for dw, d, t in zip(dws, dwe, trained))
-        return dxs, drw, dws
+        zero = [jnp.zeros(o.shape, jnp.float32) for o in tr]
+        dxs, drw, acc = _each_chunk(start, end, compute, apply, (dxs, drw, zero))
+        return dxs, drw, [jax.lax.dynamic_update_index_in_dim(dw, d, e, 0) for dw, d in zip(dws, acc)]
 
-    dws = tuple(jnp.zeros(w.shape, jnp.float32) if t else None for w, t in zip(ws, trained))
+    dws = [jnp.zeros(leaf.shape, jnp.float32) for leaf, t in zip(leaves, trained) if t]
     dxs, drw, dws = _each_expert(sizes, expert, (jnp.zeros_like(xs), jnp.zeros_like(rw), dws))
-    dws = tuple(dw.astype(w.dtype) if t else None for dw, w, t in zip(dws, ws, trained))
+    it = iter(dws)
+    dws = jax.tree.unflatten(treedef, [next(it).astype(leaf.dtype) if t else None for leaf, t in zip(leaves, trained)])
     return dxs, drw, dws, None
 
 
-_looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
+_looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd, symbolic_zeros=True)
 
 
 def _looped_experts(x, ids, weights, w1, w2, w3, n_experts: int, *, limit: float, act_quant: bool):
@@ -406,9 +434,9 @@ def _gathered_experts(x, ids, weights, w1, w2, w3, n_experts: int, **ffn):
     e = jnp.where(local, ids, 0)
     x = jnp.broadcast_to(x[:, None], (*ids.shape, x.shape[-1]))  # [N, k, dim]
 
-    def mm(w):
-        wt = take_experts(w, e, x.dtype)  # [N, k, out, in]
-        return lambda a: jnp.einsum("nki,nkoi->nko", a, wt, preferred_element_type=jnp.float32)
+    def mm(w):  # each assignment's matrices [N, k, out, in]
+        return times(lambda a, wt: jnp.einsum("nki,nkoi->nko", a, wt, preferred_element_type=jnp.float32),
+                     take_experts(w, e, x.dtype))
 
     y = _ffn(x, weights, mm(w1), mm(w3), mm(w2), dtype=x.dtype, **ffn)
     return sum_slots(jnp.where(local[..., None], y, 0.0))
@@ -423,12 +451,30 @@ def grouped_experts(x, ids, weights, w1, w2, w3, *, limit: float, act_quant: boo
     """Routed-expert FFN, work proportional to the (token, expert) assignments (impl: see MOE_IMPL).
 
     x: [N, dim]; ids, weights: [N, k]; w1, w3: [E, F, dim]; w2: [E, dim, F] (E local
-    experts, each an array or kept-quantised (codes, scales); ids outside 0..E-1
+    experts, each an array, kept-quantised (codes, scales) or a LowRank; ids outside 0..E-1
     contribute nothing). Returns [N, dim] float32, the weighted sum over each token's experts.
+
+    More than MAX_ASSIGNMENTS assignments run in token chunks, one after another, each
+    recomputed in the backward pass: a long training sequence's expert temporaries (rows
+    sorted and padded per expert, [rows, dim] float32 outputs and their gradients) are one
+    chunk's, not the sequence's. A token's output does not depend on the chunking.
     """
-    fn = _IMPLS[choose_impl(impl, ids.size, n_experts)]
-    return fn(x, jnp.asarray(ids), jnp.asarray(weights, jnp.float32), w1, w2, w3, n_experts, limit=limit,
-              act_quant=act_quant)
+    ids, weights = jnp.asarray(ids), jnp.asarray(weights, jnp.float32)
+    n, k = ids.shape
+    chunk = max(1, MAX_ASSIGNMENTS // k)
+
+    def run(x, ids, weights):
+        fn = _IMPLS[choose_impl(impl, ids.size, n_experts)]
+        return fn(x, ids, weights, w1, w2, w3, n_experts, limit=limit, act_quant=act_quant)
+
+    if n <= chunk:
+        return run(x, ids, weights)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n  # padding tokens route to no local expert (-1): they add nothing
+    split = lambda a, fill: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill).reshape(
+        n_chunks, chunk, *a.shape[1:])
+    y = jax.lax.map(jax.checkpoint(lambda c: run(*c)), (split(x, 0), split(ids, -1), split(weights, 0)))
+    return y.reshape(n_chunks * chunk, -1)[:n]
 
 
 class ExpertWeights(nnx.Module):
@@ -448,10 +494,10 @@ class ExpertWeights(nnx.Module):
 
     def operand(self):
         """What the expert matmuls take: the weight, or (codes, scales) when kept quantised; with a
-        LoRA adapter (v4jax.lora) the decoded weight plus its B A, one pair per expert."""
+        LoRA adapter (v4jax.lora) a LowRank of that and its pairs, one per expert."""
         w = (self.weight[...], self.scale[...]) if hasattr(self, "scale") else self.weight[...]
         if hasattr(self, "lora"):
-            return self.lora.adapt(expert_stack(w, self.lora.a.get_value().dtype))
+            return LowRank(w, self.lora.a[...], self.lora.b[...], self.lora.scale)
         return w
 
 

@@ -28,11 +28,34 @@ from v4jax.config import ModelConfig
 from v4jax.errors import CheckpointError
 from v4jax.indexer_loss import indexer_kl_loss
 from v4jax.lora import seed_dropout
-from v4jax.model import Transformer
+from v4jax.model import Transformer, project
 from v4jax.optim import OptimizerConfig, make_transform
 from v4jax.tokens import token_logprobs
 
 RUN_INFO = "run.json"  # what makes a folder a training run: {"base": checkpoint folder, "dtype": trained in}
+
+
+# Positions whose logits exist at once in head_logprobs: [batch, 2048, vocab] float32 is 1 GB per
+# sequence for V4's 129,280-token vocabulary, where the whole of an 8K / 64K sequence's is 4 / 34 GB
+# (and its log-softmax and gradient as much again each).
+LOGIT_CHUNK = 2048
+
+
+def head_logprobs(h, head_weight, targets):
+    """h: [batch, T, dim] the head's input (Transformer.forward(..., hidden=True)), targets: [batch, T] ->
+    (log p(target), greedy hit) [batch, T] each: the logits in chunks of LOGIT_CHUNK positions,
+    each recomputed in the backward pass, so a training step never holds a sequence's logits."""
+    b, t_len, _ = h.shape
+    n = -(-t_len // LOGIT_CHUNK)
+    pad = n * LOGIT_CHUNK - t_len
+
+    def split(a):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, LOGIT_CHUNK, *a.shape[2:]), 1, 0)
+
+    chunk = jax.checkpoint(lambda c: token_logprobs(project(c[0], head_weight), c[1]))
+    out = jax.lax.map(chunk, (split(h), split(targets)))
+    return tuple(jnp.moveaxis(a, 0, 1).reshape(b, n * LOGIT_CHUNK)[:, :t_len] for a in out)
 
 
 def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight: float = 0.0, *,
@@ -52,19 +75,21 @@ def lm_loss(model, input_ids, loss_mask, mtp_weight: float = 0.0, balance_weight
     Returns (loss, (metrics, routing)): metrics "nll", "mtp_nll", "balance_loss", and
     "indexer_loss" when it is on; routing as `Transformer.forward(..., routing=True)` gives it.
     """
-    logits, mtp_logits, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True, segment_ids=segment_ids,
-                                                   indexer_kl=None if indexer_loss == "off" else indexer_loss)
+    # The head's inputs, not the logits: head_logprobs takes the NLL a chunk of positions at a time.
+    h, mtp_h, _, routing = model.forward(input_ids, mtp=mtp_weight > 0, routing=True, segment_ids=segment_ids,
+                                         indexer_kl=None if indexer_loss == "off" else indexer_loss, hidden=True)
+    head = model.head.weight[...]
     mask, mtp_mask = target_masks(loss_mask, segment_ids)
     if n_targets is None:
         n_targets = (mask.sum(), mtp_mask.sum())
-    logp, _ = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    logp, _ = head_logprobs(h[:, :-1], head, input_ids[:, 1:])
     nll = -jnp.sum(logp * mask) / jnp.maximum(n_targets[0], 1.0)
     balance = sum(jnp.sum(s["balance"]) for s in layer_stats(routing)) / n_micro
     metrics = {"nll": nll, "mtp_nll": jnp.zeros(()), "balance_loss": balance}
     loss = nll + balance_weight * balance
     if mtp_weight > 0:
         # MTP at position t reads token t+1 and predicts token t+2.
-        mtp_logp, _ = token_logprobs(mtp_logits[:, :-2], input_ids[:, 2:])
+        mtp_logp, _ = head_logprobs(mtp_h[:, :-2], head, input_ids[:, 2:])
         metrics["mtp_nll"] = -jnp.sum(mtp_logp * mtp_mask) / jnp.maximum(n_targets[1], 1.0)
         loss = loss + mtp_weight * metrics["mtp_nll"]
     if indexer_loss != "off":

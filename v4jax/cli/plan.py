@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -47,9 +48,13 @@ def add(sub) -> argparse.ArgumentParser:
                         "the full depth from it and one more")
     p.add_argument("--lora-rank", type=int_at_least(1, 4096),
                    help="plan LoRA fine-tuning of this rank instead (quantised base, training rules, one "
-                        "sequence per device, remat): base, adapters + AdamW and the compiled step's temporaries")
+                        "sequence per data-parallel replica, remat): base, adapters + AdamW and the compiled "
+                        "step's temporaries")
     p.add_argument("--lora-tokens", nargs="+", type=context, default=[context("8K"), context("64K")],
                    help="tokens per sequence of the LoRA rows")
+    p.add_argument("--lora-tensor", nargs="+", type=device_count, default=[1], metavar="T",
+                   help="tensor-parallel degrees of the LoRA rows: T devices share one sequence, splitting its heads, "
+                        "FFN widths, vocabulary and residual stream (a 64K-token sequence of Flash needs 8)")
     p.add_argument("--json", type=new_file, help="also write the plans here")
     p.set_defaults(run=run)
     return p
@@ -146,19 +151,20 @@ def _run_lora(args: argparse.Namespace, temp_reps):
     plans = []
     for path in args.models:
         cfg = ModelConfig.from_json(path, quantized=True)
-        for label, tokens in args.lora_tokens:
-            common = dict(model=path.stem, temp_reps=temp_reps)
+        for (label, tokens), tensor in itertools.product(args.lora_tokens, args.lora_tensor):
+            common = dict(model=path.stem, tensor=tensor, temp_reps=temp_reps)
             if args.fit:
                 for gb in args.fit:
                     plan = smallest_lora_fit(cfg, gb * 1e9, args.fit_sizes, args.lora_rank, tokens, **common)
-                    print(f"| {path.stem} | {label} | {gb:g} GB devices | "
+                    print(f"| {path.stem} | {label} | tensor={tensor} | {gb:g} GB devices | "
                           f"{'none of the sizes tried' if plan is None else plan.devices} |", flush=True)
                     plans += [plan] if plan is not None else []
                 continue
             for n in args.devices:
                 plan = plan_lora(cfg, n, args.lora_rank, tokens, **common)
                 if plan is None:
-                    print(f"| {path.stem} | {label} | {n} | no mesh the training rules accept |", flush=True)
+                    print(f"| {path.stem} | {label} | {n} | no mesh the training rules accept with tensor={tensor} |",
+                          flush=True)
                     continue
                 plans.append(plan)
                 print(format_lora_plans([plan]).splitlines()[-1], flush=True)
