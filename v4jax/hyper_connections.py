@@ -32,9 +32,14 @@ def sinkhorn(logits, iters: int, eps: float):
 
 
 def hc_mixes(x, fn, norm_eps: float):
-    """x: [..., n_hc, dim] -> fn · flatten(x) / RMS(flatten(x)): [..., rows] float32 (stream-major)."""
-    flat = x.reshape(*x.shape[:-2], -1)
-    return jnp.einsum("...k,rk->...r", rms_normalize(flat, norm_eps), fn.astype(jnp.float32))
+    """x: [..., n_hc, dim] -> fn · flatten(x) / RMS(flatten(x)): [..., rows] float32 (stream-major).
+
+    Written over (n_hc, dim) rather than on the flattened [..., n_hc * dim], so that a dim split
+    over devices (training rules: over `tensor`) stays split: the flattened form is gathered whole
+    on every device (Flash at 64K tokens: 4 GB per buffer).
+    """
+    fn = fn.reshape(fn.shape[0], *x.shape[-2:]).astype(jnp.float32)  # [rows, n_hc, dim], stream-major
+    return jnp.einsum("...nd,rnd->...r", rms_normalize(x, norm_eps, axis=(-2, -1)), fn)
 
 
 def hc_pre(x, fn, base, scale, *, iters: int, hc_eps: float, norm_eps: float):

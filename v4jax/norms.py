@@ -10,10 +10,11 @@ from v4jax.params import param
 from v4jax.quant import round_to
 
 
-def rms_normalize(x, eps: float):
-    """x / RMS(x) over the last dim, in float32 (weightless: per-head q norm, mHC input)."""
+def rms_normalize(x, eps: float, axis=-1):
+    """x / RMS(x) over `axis` (the last dim, or a tuple of dims), in float32 (weightless: per-head
+    q norm, mHC input)."""
     x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
 
 
 def rms_norm(x, weight, eps: float):
