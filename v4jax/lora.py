@@ -41,7 +41,7 @@ from v4jax import quant
 from v4jax.attention import GroupedWeight
 from v4jax.errors import ConfigError
 from v4jax.linear import Linear
-from v4jax.low_rank import LowRank, adapter_term
+from v4jax.low_rank import adapter_term
 from v4jax.moe import ExpertWeights, Gate
 
 # Module paths (dotted, from the model root) ending in one of these are adapted by default:
